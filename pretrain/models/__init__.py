@@ -1,0 +1,1 @@
+"""The mPLUG model: pure torch modules with no training-system code inside."""

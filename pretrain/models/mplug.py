@@ -1,0 +1,97 @@
+"""mPLUG: a CLIP ViT, a BERT text encoder, the skip-connected fusion and a BERT decoder, with the
+ITC projections, the ITM head, the MLM head and momentum copies for distillation.
+
+    images --vision--> v (B, Lv, D) ----------------------------\
+    text ids --text_encoder--> l (B, Lt, D) --fusion(l, v)--> [v ; l] --decoder--> tokens
+    ITC: vision_proj(v[:, 0]) . text_proj(l[:, 0]) / temp        ITM: itm_head(fused l[:, 0])
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pretrain.config.schema import ModelConfig
+from pretrain.models.fusion import FusionEncoder, FusionOutput
+from pretrain.models.momentum import MomentumCopies
+from pretrain.models.text import INIT_STD, MLMHead, TextDecoder, TextEncoder, init_bert_weights
+from pretrain.models.vision import VisionEncoder
+
+log = logging.getLogger(__name__)
+
+# The online modules whose momentum copies produce the ITC and MLM distillation targets.
+MOMENTUM_MODULES = ("vision", "vision_proj", "text_encoder", "text_proj", "fusion", "mlm_head")
+# How `mplug model summary` groups parameters.
+MODULE_GROUPS = {
+    "vision": ("vision",),
+    "text_encoder": ("text_encoder",),
+    "fusion": ("fusion",),
+    "decoder": ("decoder",),
+    "heads": ("vision_proj", "text_proj", "itm_head", "mlm_head", "temp"),
+}
+
+
+class MPLUG(nn.Module):
+    def __init__(self, cfg: ModelConfig, *, momentum: bool = True):
+        super().__init__()
+        self.cfg = cfg
+        width = cfg.text.width
+        self.vision = VisionEncoder(cfg.vision, width, cfg.vision_dropout)
+        self.text_encoder = TextEncoder(cfg.text)
+        self.fusion = FusionEncoder(cfg.text, cfg.fusion)
+        self.decoder = TextDecoder(cfg.text)
+        self.mlm_head = MLMHead(cfg.text, self.text_encoder.embeddings.word_embeddings)
+        self.vision_proj = nn.Linear(width, cfg.embed_dim)
+        self.text_proj = nn.Linear(width, cfg.embed_dim)
+        self.itm_head = nn.Linear(width, 2)
+        init_bert_weights(nn.ModuleList([self.vision_proj, self.text_proj, self.itm_head]), INIT_STD)
+        self.temp = nn.Parameter(torch.tensor(cfg.temp))
+        self.momentum = MomentumCopies(self.momentum_sources()) if momentum else None
+        self.set_grad_checkpointing(cfg.grad_checkpointing)
+        log.info("fusion pattern (%d layers, stride %d): %s", cfg.fusion.layers, cfg.fusion.stride,
+                 ", ".join(self.fusion.pattern))
+
+    def momentum_sources(self) -> dict[str, nn.Module]:
+        return {name: getattr(self, name) for name in MOMENTUM_MODULES}
+
+    @torch.no_grad()
+    def momentum_update(self) -> None:
+        """Move every momentum copy toward its online module; call after each optimizer step."""
+        if self.momentum is not None:
+            self.momentum.ema_update(self.momentum_sources(), self.cfg.momentum)
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.vision.set_grad_checkpointing(enable)
+        for stack in (self.text_encoder, self.fusion, self.decoder):
+            stack.grad_checkpointing = enable
+
+    def temperature(self) -> torch.Tensor:
+        """The ITC temperature, clamped to [temp_min, temp_max]."""
+        return self.temp.clamp(self.cfg.temp_min, self.cfg.temp_max)
+
+    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
+        return self.vision(images)  # (B, Lv, D)
+
+    def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.text_encoder(input_ids, attention_mask)  # (B, Lt, D)
+
+    def fuse(self, text: torch.Tensor, text_mask: torch.Tensor, vision: torch.Tensor) -> FusionOutput:
+        return self.fusion(text, text_mask, vision)
+
+    def decode(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, memory: torch.Tensor, memory_mask: torch.Tensor
+    ) -> torch.Tensor:
+        return self.decoder(input_ids, attention_mask, memory, memory_mask)  # (B, L, V)
+
+
+def image_feature(towers: nn.Module, vision: torch.Tensor) -> torch.Tensor:
+    """Normalised ITC embedding (B, E) of the vision [CLS]; `towers` is the model or its momentum copies."""
+    return F.normalize(towers.vision_proj(vision[:, 0]), dim=-1)
+
+
+def text_feature(towers: nn.Module, text: torch.Tensor) -> torch.Tensor:
+    """Normalised ITC embedding (B, E) of the text [CLS]."""
+    return F.normalize(towers.text_proj(text[:, 0]), dim=-1)

@@ -1,0 +1,120 @@
+"""The pretraining forward: one batch of image-text pairs through ITC, ITM, MLM and PrefixLM.
+
+`MPLUGPretraining` wraps the model with the ITC queue and returns every enabled loss and their
+unweighted sum. The trainer calls `momentum_update()` after each optimizer step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from pretrain.config.schema import Config
+from pretrain.models.mplug import MPLUG, image_feature, text_feature
+from pretrain.objectives.itc import FeatureQueue, ITCInputs, itc_loss
+from pretrain.objectives.itm import ITMInputs, itm_loss
+from pretrain.objectives.mlm import mask_tokens, mlm_loss
+from pretrain.objectives.prefix_lm import prefix_lm_loss, split_prefix
+
+OBJECTIVES = ("itc", "itm", "mlm", "prefix_lm")
+
+
+@dataclass
+class PretrainOutput:
+    loss: torch.Tensor  # the sum of the enabled losses
+    losses: dict[str, torch.Tensor] = field(default_factory=dict)  # objective -> loss
+    alpha: float = 0.0
+
+
+class MPLUGPretraining(nn.Module):
+    def __init__(self, config: Config, model: MPLUG | None = None):
+        super().__init__()
+        self.config = config
+        self.objectives = config.objectives
+        if not any(getattr(self.objectives, name) for name in OBJECTIVES):
+            raise ValueError(f"every pretraining objective is switched off; enable one of {', '.join(OBJECTIVES)}")
+        needs_momentum = self.objectives.distill or self.objectives.itc
+        self.model = model if model is not None else MPLUG(config.model, momentum=needs_momentum)
+        if needs_momentum and self.model.momentum is None:
+            raise ValueError("ITC and distillation need the momentum copies; build MPLUG with momentum=True")
+        self.queue = FeatureQueue(config.model.embed_dim, config.model.queue_size)
+
+    def alpha(self, step: int) -> float:
+        """The distillation weight at `step`: ramped linearly from 0 to `alpha` over the warmup."""
+        obj = self.objectives
+        if not obj.distill:
+            return 0.0
+        return obj.alpha * min(1.0, step / max(1, obj.alpha_warmup_steps))
+
+    def momentum_update(self) -> None:
+        self.model.momentum_update()
+
+    def forward(
+        self,
+        images: torch.Tensor,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        image_ids: torch.Tensor | None = None,
+        step: int = 0,
+    ) -> PretrainOutput:
+        """images (B, 3, H, W); input_ids, attention_mask (B, L) as `[CLS] caption [SEP] [PAD]..`."""
+        obj, model, text_cfg = self.objectives, self.model, self.config.model.text
+        alpha = self.alpha(step)
+        losses: dict[str, torch.Tensor] = {}
+        vision = model.encode_image(images)  # (B, Lv, D)
+        vision_m = None
+        if obj.itc or (obj.mlm and alpha > 0):
+            with torch.no_grad():
+                vision_m = model.momentum.vision(images)  # (B, Lv, D)
+
+        if obj.itc or obj.itm:
+            text = model.encode_text(input_ids, attention_mask)  # (B, Lt, D)
+            image_feat, text_feat = image_feature(model, vision), text_feature(model, text)
+            temp = model.temperature()
+        if obj.itc:
+            with torch.no_grad():
+                momentum = model.momentum
+                image_feat_m = image_feature(momentum, vision_m)
+                text_feat_m = text_feature(momentum, momentum.text_encoder(input_ids, attention_mask))
+            itc = itc_loss(
+                ITCInputs(image_feat, text_feat, image_feat_m, text_feat_m, temp, alpha, image_ids), self.queue
+            )
+            losses["itc"] = itc.loss
+            ids = image_ids if image_ids is not None else torch.full_like(input_ids[:, 0], -1)
+            self.queue.enqueue(image_feat_m, text_feat_m, ids)
+        if obj.itm:
+            itm = itm_loss(
+                ITMInputs(vision, text, attention_mask, image_feat.detach(), text_feat.detach(), temp.detach(), image_ids),
+                model.fuse,
+                model.itm_head,
+            )
+            losses["itm"] = itm.loss
+        if obj.mlm:
+            masked = mask_tokens(
+                input_ids,
+                vocab_size=text_cfg.vocab_size,
+                mask_id=text_cfg.mask_id,
+                special_ids=(text_cfg.pad_id, text_cfg.cls_id, text_cfg.sep_id, text_cfg.mask_id),
+                probability=obj.mlm_probability,
+                mask_ratio=obj.mlm_mask_ratio,
+                random_ratio=obj.mlm_random_ratio,
+            )
+            fused = model.fuse(model.encode_text(masked.input_ids, attention_mask), attention_mask, vision)
+            logits = model.mlm_head(fused.text)  # (B, L, V)
+            soft_logits = None
+            if alpha > 0:
+                with torch.no_grad():
+                    m = model.momentum
+                    fused_m = m.fusion(m.text_encoder(masked.input_ids, attention_mask), attention_mask, vision_m)
+                    soft_logits = m.mlm_head(fused_m.text)
+            losses["mlm"] = mlm_loss(logits, masked.labels, soft_logits, alpha)
+        if obj.prefix_lm:
+            split = split_prefix(input_ids, attention_mask, cls_id=text_cfg.cls_id, pad_id=text_cfg.pad_id)
+            prefix = model.fuse(model.encode_text(input_ids, split.prefix_mask), split.prefix_mask, vision)
+            memory_mask = torch.cat([torch.ones_like(vision[:, :, 0], dtype=torch.long), split.prefix_mask], dim=1)
+            logits = model.decode(split.decoder_ids, split.decoder_mask, prefix.joint(), memory_mask)
+            losses["prefix_lm"] = prefix_lm_loss(logits, split.labels)
+        total = torch.stack(list(losses.values())).sum()
+        return PretrainOutput(loss=total, losses=losses, alpha=alpha)
