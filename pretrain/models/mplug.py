@@ -58,8 +58,9 @@ class MPLUG(nn.Module):
         return {name: getattr(self, name) for name in MOMENTUM_MODULES}
 
     @torch.no_grad()
-    def momentum_update(self) -> None:
-        """Move every momentum copy toward its online module; call after each optimizer step."""
+    def after_optimizer_step(self) -> None:
+        """Keep the temperature in its range and move every momentum copy toward its online module."""
+        self.temp.clamp_(self.cfg.temp_min, self.cfg.temp_max)
         if self.momentum is not None:
             self.momentum.ema_update(self.momentum_sources(), self.cfg.momentum)
 

@@ -1,7 +1,7 @@
 """The pretraining forward: one batch of image-text pairs through ITC, ITM, MLM and PrefixLM.
 
 `MPLUGPretraining` wraps the model with the ITC queue and returns every enabled loss and their
-unweighted sum. The trainer calls `momentum_update()` after each optimizer step.
+unweighted sum. The trainer calls `after_optimizer_step()` after each optimizer step.
 """
 
 from __future__ import annotations
@@ -48,8 +48,8 @@ class MPLUGPretraining(nn.Module):
             return 0.0
         return obj.alpha * min(1.0, step / max(1, obj.alpha_warmup_steps))
 
-    def momentum_update(self) -> None:
-        self.model.momentum_update()
+    def after_optimizer_step(self) -> None:
+        self.model.after_optimizer_step()
 
     def forward(
         self,

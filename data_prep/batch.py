@@ -1,0 +1,29 @@
+"""Turning images and captions into model inputs: CLIP-normalised tensors and padded token ids."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def image_tensor(image: Image.Image, size: int) -> torch.Tensor:
+    """An RGB image resized (bicubic) to size x size -> (3, size, size), CLIP mean/std normalised."""
+    image = image.convert("RGB").resize((size, size), Image.BICUBIC)
+    array = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)  # (3, H, W)
+    mean = torch.tensor(CLIP_MEAN).view(3, 1, 1)
+    std = torch.tensor(CLIP_STD).view(3, 1, 1)
+    return (array - mean) / std
+
+
+def tokenize(tokenizer, captions: Sequence[str], max_length: int) -> dict[str, torch.Tensor]:
+    """`[CLS] caption [SEP]` padded to the longest caption, truncated at `max_length`."""
+    encoded = tokenizer(
+        list(captions), padding="longest", truncation=True, max_length=max_length, return_tensors="pt"
+    )
+    return {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"]}

@@ -1,0 +1,39 @@
+"""Shared fixtures: the tiny preset with a tokenizer trained on synthetic captions."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from data_prep.batch import image_tensor, tokenize
+from data_prep.synthetic import make_scenes, vocabulary_texts
+from data_prep.tokenizer import train_wordpiece
+from pretrain.config import load_config
+from pretrain.config.tokens import with_tokenizer
+
+
+@pytest.fixture(scope="session")
+def synthetic_scenes():
+    return make_scenes(8, seed=3)
+
+
+@pytest.fixture(scope="session")
+def tokenizer(tmp_path_factory, synthetic_scenes):
+    texts = vocabulary_texts() + [s.caption for s in make_scenes(64, seed=11)]
+    return train_wordpiece(texts, tmp_path_factory.mktemp("tokenizer"), vocab_size=200)
+
+
+@pytest.fixture
+def tiny_config(tokenizer):
+    def build(*overrides: str):
+        return with_tokenizer(load_config("tiny", overrides), tokenizer)
+
+    return build
+
+
+@pytest.fixture
+def pair_batch(synthetic_scenes, tokenizer):
+    """Eight synthetic image-caption pairs as model inputs, each its own image id."""
+    images = torch.stack([image_tensor(s.image, 64) for s in synthetic_scenes])
+    text = tokenize(tokenizer, [s.caption for s in synthetic_scenes], 24)
+    return {"images": images, **text, "image_ids": torch.arange(len(synthetic_scenes))}
