@@ -12,6 +12,7 @@ from torch import nn
 from transformers import BertConfig, BertForMaskedLM
 
 from pretrain.config import load_config
+from pretrain.models.factory import build_mplug
 from pretrain.models.mplug import MOMENTUM_MODULES, MPLUG
 from pretrain.models.vision import build_vit
 from pretrain.models.weights import (
@@ -386,3 +387,14 @@ def test_tokenizer_directory_without_vocab_raises(tmp_path):
 def test_missing_tokenizer_directory_raises(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_tokenizer(tmp_path / "absent")
+
+
+def test_building_from_a_config_loads_the_weights_it_names(cfg, tmp_path):
+    state = random_vit_state(cfg)
+    save_file(state, tmp_path / "vit.safetensors")
+    vision = dataclasses.replace(cfg.vision, weights=str(tmp_path / "vit.safetensors"))
+
+    model = build_mplug(dataclasses.replace(cfg, vision=vision))
+
+    assert_vit_holds(model, state)
+    assert torch.equal(model.momentum.vision.vit.pos_embed, state["pos_embed"])

@@ -12,8 +12,9 @@ import torch
 from torch import nn
 
 from pretrain.config.schema import Config
+from pretrain.models.factory import build_mplug
 from pretrain.models.mplug import MPLUG, image_feature, text_feature
-from pretrain.objectives.itc import FeatureQueue, ITCInputs, itc_loss
+from pretrain.objectives.itc import NO_ID, FeatureQueue, ITCInputs, itc_loss
 from pretrain.objectives.itm import ITMInputs, itm_loss
 from pretrain.objectives.mlm import mask_tokens, mlm_loss
 from pretrain.objectives.prefix_lm import prefix_lm_loss, split_prefix
@@ -36,7 +37,7 @@ class MPLUGPretraining(nn.Module):
         if not any(getattr(self.objectives, name) for name in OBJECTIVES):
             raise ValueError(f"every pretraining objective is switched off; enable one of {', '.join(OBJECTIVES)}")
         needs_momentum = self.objectives.distill or self.objectives.itc
-        self.model = model if model is not None else MPLUG(config.model, momentum=needs_momentum)
+        self.model = model if model is not None else build_mplug(config.model, momentum=needs_momentum)
         if needs_momentum and self.model.momentum is None:
             raise ValueError("ITC and distillation need the momentum copies; build MPLUG with momentum=True")
         self.queue = FeatureQueue(config.model.embed_dim, config.model.queue_size)
@@ -82,7 +83,7 @@ class MPLUGPretraining(nn.Module):
                 ITCInputs(image_feat, text_feat, image_feat_m, text_feat_m, temp, alpha, image_ids), self.queue
             )
             losses["itc"] = itc.loss
-            ids = image_ids if image_ids is not None else torch.full_like(input_ids[:, 0], -1)
+            ids = image_ids if image_ids is not None else torch.full_like(input_ids[:, 0], NO_ID)
             self.queue.enqueue(image_feat_m, text_feat_m, ids)
         if obj.itm:
             itm = itm_loss(
