@@ -1,1 +1,1 @@
-"""cluster"""
+"""Where jobs run, and the `mplug` command."""

@@ -1,1 +1,1 @@
-"""data_prep"""
+"""Data preparation: synthetic data, tokenizers and batching of model inputs."""

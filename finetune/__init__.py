@@ -1,1 +1,1 @@
-"""finetune"""
+"""Downstream tasks: fine-tuning and evaluation."""

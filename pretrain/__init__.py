@@ -1,1 +1,1 @@
-"""pretrain"""
+"""Pretraining: the mPLUG model, its objectives and its configuration."""
