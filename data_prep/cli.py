@@ -35,7 +35,8 @@ def run_tokenizer(args: argparse.Namespace) -> int:
     if not args.texts and not args.synthetic:
         raise SystemExit("error: give caption files or --synthetic N, otherwise there is nothing to train on")
     texts = list(read_lines(args.texts))
-    texts += vocabulary_texts() + [s.caption for s in make_scenes(args.synthetic)] if args.synthetic else []
+    if args.synthetic:
+        texts += vocabulary_texts() + [scene.caption for scene in make_scenes(args.synthetic)]
     tokenizer = train_wordpiece(texts, args.output, args.vocab_size)
     print(f"trained a WordPiece vocabulary of {len(tokenizer)} entries from {len(texts)} texts -> {args.output}")
     return 0
