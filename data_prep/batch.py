@@ -21,6 +21,13 @@ def image_tensor(image: Image.Image, size: int) -> torch.Tensor:
     return (array - mean) / std
 
 
+def normalize(images: torch.Tensor) -> torch.Tensor:
+    """uint8 images (B, 3, H, W) from the loader -> float, CLIP mean/std normalised, on their device."""
+    mean = torch.tensor(CLIP_MEAN, device=images.device).view(1, 3, 1, 1)
+    std = torch.tensor(CLIP_STD, device=images.device).view(1, 3, 1, 1)
+    return (images.float() / 255.0 - mean) / std
+
+
 def tokenize(tokenizer, captions: Sequence[str], max_length: int) -> dict[str, torch.Tensor]:
     """`[CLS] caption [SEP]` padded to the longest caption, truncated at `max_length`."""
     encoded = tokenizer(

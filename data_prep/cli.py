@@ -3,24 +3,43 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from data_prep.synthetic import make_scenes, vocabulary_texts
-from data_prep.tokenizer import train_wordpiece
+from data_prep.tokenizer import shard_captions, train_wordpiece
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    data = subparsers.add_parser("data", help="prepare data: tokenizers")
+    data = subparsers.add_parser(
+        "data", help="prepare data: download URL lists, convert annotations, synthetic data, tokenizers"
+    )
     commands = data.add_subparsers(dest="data_command", required=True, metavar="COMMAND")
     tokenizer = commands.add_parser(
-        "tokenizer", help="train an uncased WordPiece vocabulary from text files, one caption a line"
+        "tokenizer", help="train an uncased WordPiece vocabulary from shard captions or text files"
     )
     tokenizer.add_argument("texts", nargs="*", type=Path, help="text files with one caption per line")
+    tokenizer.add_argument("--shards", action="append", default=[], metavar="SPEC",
+                           help="captions (KEY.txt) of shards: a manifest, folder, glob or brace pattern (repeatable)")
+    tokenizer.add_argument("--max-captions", type=int, default=None, metavar="N",
+                           help="read at most N captions from the shards")
     tokenizer.add_argument("--output", required=True, type=Path, help="directory BertTokenizerFast loads")
     tokenizer.add_argument("--vocab-size", type=int, default=30522)
     tokenizer.add_argument("--synthetic", type=int, default=0, metavar="N",
                            help="also train on the captions of N synthetic scenes")
     tokenizer.set_defaults(handler=run_tokenizer)
+    synthetic = commands.add_parser(
+        "synthetic", help="write coloured-shape images with a URL list, captions, VQA and RefCOCO annotations"
+    )
+    synthetic.add_argument("--output", required=True, type=Path, help="directory to write the data set into")
+    synthetic.add_argument("--num-samples", required=True, type=int, help="number of images (80/10/10 train/val/test)")
+    synthetic.add_argument("--seed", type=int, default=0, help="the same seed writes byte-identical files")
+    synthetic.add_argument("--image-size", type=int, default=128, help="side of the square images in pixels")
+    synthetic.add_argument("--base-url", default="http://127.0.0.1:8000",
+                           help="where `mplug data serve DIR` serves DIR; the URL list points there")
+    synthetic.set_defaults(handler=run_synthetic)
+    register_convert(commands)
+    register_download(commands)
 
 
 def read_lines(paths: list[Path]):
@@ -32,11 +51,165 @@ def read_lines(paths: list[Path]):
 
 
 def run_tokenizer(args: argparse.Namespace) -> int:
-    if not args.texts and not args.synthetic:
-        raise SystemExit("error: give caption files or --synthetic N, otherwise there is nothing to train on")
+    if not args.texts and not args.shards and not args.synthetic:
+        raise SystemExit("error: give --shards SPEC, caption files or --synthetic N, otherwise there is nothing to train on")
     texts = list(read_lines(args.texts))
+    if args.shards:
+        try:
+            texts += list(shard_captions(args.shards, args.max_captions))
+        except (FileNotFoundError, ValueError) as error:
+            raise SystemExit(f"error: {error}") from None
     if args.synthetic:
         texts += vocabulary_texts() + [scene.caption for scene in make_scenes(args.synthetic)]
     tokenizer = train_wordpiece(texts, args.output, args.vocab_size)
     print(f"trained a WordPiece vocabulary of {len(tokenizer)} entries from {len(texts)} texts -> {args.output}")
+    return 0
+
+
+def run_synthetic(args: argparse.Namespace) -> int:
+    from data_prep.synthetic_export import write_synthetic
+
+    try:
+        dataset = write_synthetic(args.output, args.num_samples, args.seed, args.image_size, args.base_url)
+    except ValueError as error:
+        raise SystemExit(f"error: {error}") from None
+    splits = ", ".join(f"{count} {split}" for split, count in dataset.splits.items())
+    print(f"wrote {dataset.num_samples} synthetic images ({splits}), {dataset.num_captions} captions, "
+          f"{dataset.num_questions} questions and {dataset.num_referrals} referred shapes -> {dataset.root}; "
+          f"URL list {dataset.urls_parquet} points at {dataset.base_url}")
+    return 0
+
+
+def register_convert(commands: argparse._SubParsersAction) -> None:
+    """`mplug data convert FORMAT`: one sub-command per converter of `data_prep.convert`."""
+    from data_prep.convert import CONVERTERS
+
+    convert = commands.add_parser(
+        "convert", help="convert a fine-tuning data set's official annotations into webdataset shards"
+    )
+    formats = convert.add_subparsers(dest="format", required=True, metavar="FORMAT")
+    for converter in CONVERTERS.values():
+        parser = formats.add_parser(converter.name, help=converter.help, description=converter.help)
+        parser.add_argument("--output", required=True, type=Path,
+                            help="writes OUTPUT/<split>/*.tar + manifest.json, OUTPUT/splits.json, OUTPUT/report.json")
+        flags = dict.fromkeys([f"--{converter.media}-root", "--image-root"])  # video formats take either
+        parser.add_argument(*flags, dest="media_root", action="append", required=True, type=Path, metavar="DIR",
+                            help=f"folder of the {converter.media}s (repeatable: searched in turn)")
+        for option in converter.options:
+            parser.add_argument(option.flag, required=option.required, action="append" if option.many else "store",
+                                type=Path if option.is_path else str, default=option.default, help=option.help)
+        parser.add_argument("--strict", action="store_true",
+                            help="stop at the first malformed record or missing file instead of skipping it")
+        parser.add_argument("--shard-size", type=int, default=1000, metavar="N", help="samples per tar (default 1000)")
+        parser.add_argument("--limit", type=int, default=None, metavar="N", help="at most N samples per split")
+        parser.set_defaults(handler=run_convert, converter=converter)
+
+
+def run_convert(args: argparse.Namespace) -> int:
+    from data_prep.convert import ConversionError, InputError
+
+    converter = args.converter
+    options = {o.dest: getattr(args, o.dest) for o in converter.options if getattr(args, o.dest) is not None}
+    try:
+        report = converter.function(
+            output=args.output, **{f"{converter.media}_root": args.media_root}, **options,
+            strict=args.strict, shard_size=args.shard_size, limit=args.limit,
+        )
+    except (InputError, ConversionError, ValueError) as error:
+        raise SystemExit(f"error: {error}") from None
+    print(report.summary())
+    if not report.total_converted:
+        print(f"error: no sample was converted; see {args.output}/report.json", file=sys.stderr)
+        return 1
+    return 0
+
+
+def register_download(commands: argparse._SubParsersAction) -> None:
+    from data_prep.download import INPUT_FORMATS, RESIZE_MODES, DownloadOptions
+
+    defaults = DownloadOptions(url_list="", output="")
+    download = commands.add_parser(
+        "download", help="download a URL list into webdataset shards with img2dataset on Ray",
+        description="Download the images of a URL list into webdataset shards (KEY.jpg, KEY.txt, "
+        "KEY.json) with img2dataset on Ray. Rerunning into the same folder fetches only shards "
+        "not yet done. Writes OUTPUT/summary.json and OUTPUT/manifest.json; exits 1 when shards "
+        "are still incomplete after the retries.",
+    )
+    download.add_argument("url_list", metavar="URL_LIST",
+                          help="parquet/csv/tsv/json file or folder of them, a path or fsspec URL")
+    download.add_argument("--output", required=True, help="folder for the shards, a path or fsspec URL")
+    download.add_argument("--input-format", choices=INPUT_FORMATS, default=None,
+                          help="format of the URL list (default: from its file extension)")
+    download.add_argument("--url-col", default=defaults.url_col, help="column of the image URLs (default: %(default)s)")
+    download.add_argument("--caption-col", default=defaults.caption_col,
+                          help="column of the captions, saved as KEY.txt (default: %(default)s)")
+    download.add_argument("--image-size", type=int, default=defaults.image_size,
+                          help="side of the resized images in pixels (default: %(default)s)")
+    download.add_argument("--resize-mode", choices=RESIZE_MODES, default=defaults.resize_mode,
+                          help="img2dataset's resize mode; border (its default) fits the image into "
+                          "the square and pads it white (default: %(default)s)")
+    download.add_argument("--processes", type=int, default=defaults.processes,
+                          help="CPUs of the local Ray, one shard each at a time; with --ray-address "
+                          "the cluster's CPUs decide (default: %(default)s)")
+    download.add_argument("--threads", type=int, default=defaults.threads,
+                          help="downloads in flight per shard (default: %(default)s)")
+    download.add_argument("--shard-size", type=int, default=defaults.shard_size,
+                          help="samples per shard (default: %(default)s)")
+    download.add_argument("--timeout", type=float, default=defaults.timeout,
+                          help="seconds to wait for a server to connect or send (default: %(default)s)")
+    download.add_argument("--retries", type=int, default=defaults.retries,
+                          help="passes over shards a dead worker left without stats (default: %(default)s)")
+    download.add_argument("--ray-address", default=None,
+                          help="address of a running Ray cluster (default: start a local Ray)")
+    download.add_argument("--no-progress", action="store_true", help="no progress line on stderr")
+    download.set_defaults(handler=run_download)
+    serve = commands.add_parser("serve", help="serve a folder over HTTP on 127.0.0.1 until Ctrl-C")
+    serve.add_argument("root", type=Path, metavar="DIR", help="the folder to serve")
+    serve.add_argument("--port", type=int, default=8000,
+                       help="port to listen on, 0 for any free one (default: %(default)s, "
+                       "where `mplug data synthetic` points its URL list)")
+    serve.set_defaults(handler=run_serve)
+
+
+def run_download(args: argparse.Namespace) -> int:
+    from data_prep.download import DownloadInputError, DownloadOptions, download
+    from data_prep.download_summary import format_summary
+
+    options = DownloadOptions(
+        url_list=args.url_list, output=args.output, input_format=args.input_format,
+        url_col=args.url_col, caption_col=args.caption_col, image_size=args.image_size,
+        resize_mode=args.resize_mode, processes=args.processes, threads=args.threads,
+        shard_size=args.shard_size, timeout=args.timeout, retries=args.retries,
+        ray_address=args.ray_address, progress=not args.no_progress, verbose=args.verbose,
+    )
+    try:
+        summary = download(options)
+    except (DownloadInputError, ConnectionError) as error:
+        raise SystemExit(f"error: {error}") from None
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: the finished shards stay in {args.output} (see its summary.json); "
+              "the same command fetches the rest", file=sys.stderr)
+        return 130
+    print(f"downloaded {args.url_list} -> {args.output}:")
+    print(format_summary(summary))
+    return 1 if summary["incomplete_shards"] else 0
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    import time
+
+    from data_prep.serve import LoopbackServer
+
+    try:
+        server = LoopbackServer(args.root, port=args.port).start()
+    except (NotADirectoryError, OSError) as error:
+        raise SystemExit(f"error: {error}") from None
+    print(f"serving {args.root} at {server.base_url}/ (Ctrl-C stops)", flush=True)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.stop()
     return 0

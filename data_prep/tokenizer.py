@@ -1,11 +1,14 @@
 """An uncased WordPiece vocabulary trained from captions, saved so `BertTokenizerFast` loads it.
 
-This is how a machine with no model hub gets a tokenizer: train it from the captions it has.
+This is how a machine with no model hub gets a tokenizer: train it from the captions it has,
+read from its shards (`shard_captions`) or from text files.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import itertools
+import logging
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from tokenizers import (
@@ -18,6 +21,8 @@ from tokenizers import (
     trainers,
 )
 from transformers import BertTokenizerFast
+
+from data_prep.shard_source import read_shard, resolve_shards
 
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]  # ids 0..4 in this order
 
@@ -39,3 +44,19 @@ def train_wordpiece(texts: Iterable[str], output_dir: str | Path, vocab_size: in
     output.mkdir(parents=True, exist_ok=True)
     fast.save_pretrained(output)
     return fast
+
+
+def shard_captions(spec: str | list[str], limit: int | None = None) -> Iterator[str]:
+    """The captions (`KEY.txt`) of every shard a specification names; damaged shards are logged and skipped."""
+    log = logging.getLogger("mplug.data")
+
+    def skip(url: str, error: Exception) -> None:
+        log.warning("shard %s unreadable or truncated, its remaining captions skipped: %s", url, error)
+
+    captions = (
+        sample["txt"].decode("utf-8").strip()
+        for shard in resolve_shards(spec)
+        for sample in read_shard(shard.url, skip)
+        if "txt" in sample
+    )
+    yield from itertools.islice((c for c in captions if c), limit)
