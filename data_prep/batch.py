@@ -28,9 +28,14 @@ def normalize(images: torch.Tensor) -> torch.Tensor:
     return (images.float() / 255.0 - mean) / std
 
 
-def tokenize(tokenizer, captions: Sequence[str], max_length: int) -> dict[str, torch.Tensor]:
-    """`[CLS] caption [SEP]` padded to the longest caption, truncated at `max_length`."""
+def tokenize(tokenizer, captions: Sequence[str], max_length: int, pad_to_max: bool = False) -> dict[str, torch.Tensor]:
+    """`[CLS] caption [SEP]` truncated at `max_length`, padded to the longest caption or to `max_length`.
+
+    Fixed-length batches (`pad_to_max`) have the same shape on every rank, which gathering text
+    states across ranks needs.
+    """
     encoded = tokenizer(
-        list(captions), padding="longest", truncation=True, max_length=max_length, return_tensors="pt"
+        list(captions), padding="max_length" if pad_to_max else "longest", truncation=True, max_length=max_length,
+        return_tensors="pt",
     )
     return {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"]}

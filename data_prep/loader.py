@@ -53,6 +53,7 @@ class LoaderConfig:
     shuffle_buffer: int = 1000  # raw samples per reader; 0 keeps shard order
     seed: int = 0
     max_text_length: int = 30
+    pad_to_max: bool = False  # pad every batch to max_text_length (same shapes on every rank)
     text_field: str = "txt"  # the shard's caption, or a key of KEY.json such as "question"
     box_field: str | None = None  # a KEY.json key with [x, y, w, h] carried through resize and flip
 
@@ -96,7 +97,9 @@ class Reader:
         ]
         self.weights = [source.weight for source in sources]
         self.draws = int(position.get("draws", 0))
-        self.augment = ImageAugment(config.augment_config(), random.Random(reader_seed(config.seed, slot, "augment")))
+        self.decoded = int(position.get("decoded", 0))  # samples this reader has decoded, the corrupt ones too
+        self.augment_seed = reader_seed(config.seed, slot, "augment")
+        self.augment = ImageAugment(config.augment_config(), random.Random())
 
     def warn(self, kind: str, message: str) -> None:
         self.stats[kind] += 1
@@ -109,7 +112,7 @@ class Reader:
 
     def position(self) -> dict[str, Any]:
         streams = {stream.name: stream.position.as_dict() for stream in self.streams}
-        return {"slot": self.slot, "streams": streams, "draws": self.draws}
+        return {"slot": self.slot, "streams": streams, "draws": self.draws, "decoded": self.decoded}
 
     def raw_samples(self) -> Iterator[dict[str, Any]]:
         """The sources mixed by weight (resampled) or one after another (epoch)."""
@@ -147,6 +150,10 @@ class Reader:
     def decode(self, raw: dict[str, Any]) -> dict[str, Any] | None:
         """A training example from a raw sample, or None (counted and logged) when it is unusable."""
         key, shard = raw.get("__key__"), raw.get("__shard__")
+        # Crops and flips are drawn per sample from its place in this reader's stream, so a resumed
+        # run augments the samples after its checkpoint as the uninterrupted run would have.
+        self.augment.rng.seed(self.augment_seed + self.decoded)
+        self.decoded += 1
         try:
             extension = next((ext for ext in IMAGE_EXTENSIONS if ext in raw), None)
             if extension is None:
@@ -180,7 +187,7 @@ class Reader:
             "keys": [example["key"] for example in examples],
         }
         if self.tokenizer is not None:
-            batch.update(tokenize(self.tokenizer, texts, self.config.max_text_length))
+            batch.update(tokenize(self.tokenizer, texts, self.config.max_text_length, self.config.pad_to_max))
         if all("image_id" in m for m in meta):
             ids = [m["image_id"] for m in meta]
             if all(isinstance(i, int) for i in ids):

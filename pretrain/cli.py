@@ -1,9 +1,11 @@
-"""`mplug model ...`: inspecting model presets."""
+"""`mplug model ...` (inspecting presets) and `mplug pretrain` (training, memory estimates)."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
+from pathlib import Path
 
 from pretrain.config import load_config, preset_names
 from pretrain.models.summary import format_summary, summarize
@@ -21,6 +23,84 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                          help="override a config value, e.g. --set model.fusion.stride=3 (repeatable)")
     summary.add_argument("--json", action="store_true", help="print JSON instead of a table")
     summary.set_defaults(handler=run_summary)
+    register_pretrain(subparsers)
+
+
+def register_pretrain(subparsers: argparse._SubParsersAction) -> None:
+    pretrain = subparsers.add_parser(
+        "pretrain", help="pretrain with DeepSpeed ZeRO on shards (or estimate its memory per rank)",
+        description="Runs as one rank of a job: the rank comes from torchrun / deepspeed / srun / Ray Train "
+                    "variables, or --nproc-per-node starts N local ranks.",
+    )
+    pretrain.add_argument("--config", required=True, help=f"a preset ({', '.join(preset_names())}) or a YAML file")
+    pretrain.add_argument("--data", help="shards: a manifest, folder, glob or brace pattern, or a mixture YAML")
+    pretrain.add_argument("--output", type=Path, help="checkpoints, model package, MLflow store (when local)")
+    pretrain.add_argument("--max-steps", type=int, help="optimizer steps (default: train.max_steps)")
+    pretrain.add_argument("--nproc-per-node", type=int, help="start this many local ranks (torchrun)")
+    pretrain.add_argument("--resume", help="'auto' (the newest complete checkpoint under --output, if any) or a path")
+    pretrain.add_argument("--tokenizer", type=Path,
+                          help="tokenizer folder (default: model.text.tokenizer; make one with `mplug data tokenizer`)")
+    pretrain.add_argument("--peak-flops", type=float, help="the device's peak FLOP/s for MFU where it is not known")
+    pretrain.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                          help="override a config value, e.g. --set train.zero_stage=3 (repeatable)")
+    pretrain.add_argument("--estimate-memory", action="store_true",
+                          help="print per-rank memory of parameters, gradients, optimizer states and activations")
+    pretrain.add_argument("--world-size", type=int, default=1, help="ranks, for --estimate-memory")
+    pretrain.add_argument("--zero-stage", type=int, choices=(0, 1, 2, 3), help="for --estimate-memory")
+    pretrain.set_defaults(handler=run_pretrain)
+
+
+def forwarded_arguments(args: argparse.Namespace) -> list[str]:
+    """The arguments each local rank gets: the same run, without --nproc-per-node."""
+    argv = ["pretrain", "--config", args.config, "--data", args.data, "--output", str(args.output)]
+    for flag, value in (("--max-steps", args.max_steps), ("--resume", args.resume), ("--tokenizer", args.tokenizer),
+                        ("--peak-flops", args.peak_flops)):
+        if value is not None:
+            argv += [flag, str(value)]
+    for override in args.overrides:
+        argv += ["--set", override]
+    return argv
+
+
+def run_pretrain(args: argparse.Namespace) -> int:
+    config = load_config(args.config, args.overrides)
+    if args.estimate_memory:
+        from pretrain.memory_estimate import estimate_memory, format_memory_estimate
+
+        print(format_memory_estimate(estimate_memory(config, world_size=args.world_size, zero_stage=args.zero_stage)))
+        return 0
+    if not args.data or not args.output:
+        raise SystemExit("error: mplug pretrain needs --data and --output (or --estimate-memory)")
+    if args.nproc_per_node:
+        from pretrain.launch import launch_local
+
+        return launch_local(args.nproc_per_node, "pretrain.cli", forwarded_arguments(args))
+    return train_this_rank(args, config)
+
+
+def train_this_rank(args: argparse.Namespace, config) -> int:
+    from pretrain.config.tokens import with_tokenizer
+    from pretrain.launch import (
+        init_distributed,
+        place_from_environment,
+        use_cpu_accelerator_without_gpu,
+    )
+
+    use_cpu_accelerator_without_gpu()
+    from pretrain.models.weights import load_tokenizer
+    from pretrain.trainer import RunOptions, Trainer
+
+    tokenizer_dir = args.tokenizer or config.model.text.tokenizer
+    if not tokenizer_dir:
+        raise SystemExit("error: no tokenizer: give --tokenizer DIR or set model.text.tokenizer; "
+                         "`mplug data tokenizer --shards SPEC --output DIR` trains one from the shards' captions")
+    tokenizer = load_tokenizer(tokenizer_dir)
+    config = with_tokenizer(config, tokenizer)
+    place = place_from_environment()
+    init_distributed(place)
+    options = RunOptions(data=args.data, output=args.output, max_steps=args.max_steps or config.train.max_steps,
+                         resume=args.resume, config_name=args.config, peak_flops=args.peak_flops)
+    return Trainer(config, options, place, tokenizer).run()
 
 
 def run_summary(args: argparse.Namespace) -> int:
@@ -31,3 +111,18 @@ def run_summary(args: argparse.Namespace) -> int:
     else:
         print(format_summary(result))
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m pretrain.cli pretrain ...`: what each local rank of --nproc-per-node runs."""
+    import logging
+
+    parser = argparse.ArgumentParser(prog="mplug")
+    register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return args.handler(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -88,6 +88,9 @@ class ObjectivesConfig:
 class DataConfig:
     max_text_length: int = 40
     train_scale_min: float = 0.2  # RandomResizedCrop lower scale in pretraining
+    randaugment: bool = True  # RandAugment(2, 7) in training
+    workers: int = 4  # dataloader processes per rank
+    shuffle_buffer: int = 1000  # raw samples per dataloader worker; 0 keeps shard order (exact resume)
 
 
 @dataclass
@@ -106,6 +109,10 @@ class TrainConfig:
     zero_stage: Literal[0, 1, 2, 3] = 2
     seed: int = 42
     log_every: int = 10
+    checkpoint_every: int = 1000  # steps between resumable checkpoints
+    keep_checkpoints: int = 3  # the newest K are kept
+    package_every: int = 5000  # steps between model packages (one is also written at the end)
+    max_nonfinite: int = 5  # non-finite losses in a row before the run checkpoints and stops
 
 
 @dataclass

@@ -48,7 +48,8 @@ class MPLUG(nn.Module):
         self.text_proj = nn.Linear(width, cfg.embed_dim)
         self.itm_head = nn.Linear(width, 2)
         init_bert_weights(nn.ModuleList([self.vision_proj, self.text_proj, self.itm_head]), INIT_STD)
-        self.temp = nn.Parameter(torch.tensor(cfg.temp))
+        # Shape (1,), not a scalar: DeepSpeed broadcasts parameters as byte views, which 0-dim tensors refuse.
+        self.temp = nn.Parameter(torch.full((1,), cfg.temp))
         self.momentum = MomentumCopies(self.momentum_sources()) if momentum else None
         self.set_grad_checkpointing(cfg.grad_checkpointing)
         log.info("fusion pattern (%d layers, stride %d): %s", cfg.fusion.layers, cfg.fusion.stride,
