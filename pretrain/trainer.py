@@ -62,21 +62,22 @@ class StopRequest:
     def _handle(self, signum, frame) -> None:
         self.signal = signum
 
-    def agreed(self) -> bool:
-        flag = torch.tensor([1.0 if self.signal is not None else 0.0])
+    def agreed(self, device: torch.device) -> bool:
+        flag = torch.tensor([1.0 if self.signal is not None else 0.0], device=device)
         torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
         return bool(flag.item())
 
 
 def all_finite(loss: torch.Tensor) -> bool:
-    flag = torch.tensor([1.0 if torch.isfinite(loss.detach()).all() else 0.0])
+    """Whether the loss is finite on every rank (the flag lives on the loss's device: NCCL needs CUDA tensors)."""
+    flag = torch.isfinite(loss.detach()).all().float().reshape(1)
     torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
     return bool(flag.item())
 
 
-def mean_over_ranks(values: dict[str, float]) -> dict[str, float]:
+def mean_over_ranks(values: dict[str, float], device: torch.device) -> dict[str, float]:
     names = sorted(values)
-    tensor = torch.tensor([values[n] for n in names], dtype=torch.float64)
+    tensor = torch.tensor([values[n] for n in names], dtype=torch.float64, device=device)
     torch.distributed.all_reduce(tensor)
     tensor /= torch.distributed.get_world_size()
     return dict(zip(names, tensor.tolist(), strict=True))
@@ -208,7 +209,7 @@ class Trainer:
                     self.report(tracker, values, window_samples, window_tokens, time.perf_counter() - window_start,
                                 started)
                     window_start, window_samples, window_tokens = time.perf_counter(), 0, 0
-                if stop.agreed():
+                if stop.agreed(self.device):
                     path = self.checkpoint(loader)
                     tracker.set_checkpoint_location(str(path))
                     log.warning("stopped by signal %s at step %d after saving %s; continue with --resume auto",
@@ -236,8 +237,8 @@ class Trainer:
 
     def report(self, tracker, values: dict[str, float], samples: int, tokens: int, seconds: float,
                started: float) -> None:
-        metrics = mean_over_ranks(values)
-        tokens_total = torch.tensor([float(tokens)])
+        metrics = mean_over_ranks(values, self.device)
+        tokens_total = torch.tensor([float(tokens)], device=self.device)
         torch.distributed.all_reduce(tokens_total)
         samples_per_s = samples / max(seconds, 1e-9)
         metrics.update({
