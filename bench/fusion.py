@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 
 from pretrain.config.schema import FusionConfig, TextConfig
+from pretrain.flops import fusion_layer_flops  # the analytic count of reference/performance.md
 from pretrain.models.fusion import FusionEncoder, LayerKind, fusion_pattern
 
 DEFAULT_OUTPUT = Path(__file__).resolve().parent / "results" / "fusion.json"
@@ -52,37 +53,8 @@ REFERENCE_TEXT_TOKENS = 40
 REFERENCE_WIDTH = 768
 
 
-# ---------------------------------------------------------------------------------------------
-# Analytic FLOPs (reference/performance.md): a self-attention + FFN layer over n tokens at width
-# d costs 24*n*d^2 + 4*n^2*d. Split up: each d x d projection is 2*d^2 per token (Q, K, V, O),
-# the scores Q K^T and the weighted sum A V are 2*n_q*n_k*d each, and the FFN is 2 * 2*d*i per
-# token (i = 4d gives 16*n*d^2). Biases, LayerNorm, softmax and GELU are not counted.
-# ---------------------------------------------------------------------------------------------
-
-
-def attention_flops(queries: int, keys: int, width: int) -> int:
-    """Q/O projections over the queries, K/V over the keys, scores and weighted sum q x k."""
-    return 4 * queries * width**2 + 4 * keys * width**2 + 4 * queries * keys * width
-
-
-def ffn_flops(tokens: int, width: int, intermediate: int) -> int:
-    return 4 * tokens * width * intermediate
-
-
-def layer_flops(kind: LayerKind, text: int, visual: int, width: int, intermediate: int) -> int:
-    """Forward FLOPs of one fusion layer for one sample (text and visual are token counts)."""
-    if kind == "co":  # text self-attention + text->visual cross-attention + text FFN
-        return (
-            attention_flops(text, text, width)
-            + attention_flops(text, visual, width)
-            + ffn_flops(text, width, intermediate)
-        )
-    joint = text + visual  # connected: self-attention + FFN over [v ; l]
-    return attention_flops(joint, joint, width) + ffn_flops(joint, width, intermediate)
-
-
 def stack_flops(pattern: list[LayerKind], text: int, visual: int, cfg: TextConfig) -> int:
-    return sum(layer_flops(kind, text, visual, cfg.width, cfg.intermediate) for kind in pattern)
+    return sum(fusion_layer_flops(kind, text, visual, cfg.width, cfg.intermediate) for kind in pattern)
 
 
 def check_against_reference() -> list[dict]:
@@ -90,7 +62,7 @@ def check_against_reference() -> list[dict]:
     rows = []
     intermediate = 4 * REFERENCE_WIDTH
     for (visual, kind), reference in REFERENCE_GMAC.items():
-        flops = layer_flops(kind, REFERENCE_TEXT_TOKENS, visual, REFERENCE_WIDTH, intermediate)
+        flops = fusion_layer_flops(kind, REFERENCE_TEXT_TOKENS, visual, REFERENCE_WIDTH, intermediate)
         ours = flops / 2 / GIGA  # one multiply-accumulate is two FLOPs
         ok = abs(ours - reference) <= REFERENCE_TOLERANCE_GMAC
         rows.append(
