@@ -6,7 +6,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import mlflow
@@ -77,8 +76,7 @@ def test_each_zero_stage_trains_saves_and_resumes_on_2_cpu_ranks(pretraining_dat
     run(pretrain_command(pretraining_data, output, 4, *zero), output)
     assert [p.name for p in complete_checkpoints(output)] == ["step_00000003", "step_00000004"]
     run(pretrain_command(pretraining_data, output, 6, *zero, "--resume", "auto"), output)
-    assert [p.name for p in complete_checkpoints(output)] == ["step_00000006"] or \
-        [p.name for p in complete_checkpoints(output)][-1] == "step_00000006"
+    assert [p.name for p in complete_checkpoints(output)] == ["step_00000004", "step_00000006"]  # keep 2
     assert metric_steps(output, "loss") == [1, 2, 3, 4, 5, 6]
     weights = load_file(output / "package" / "model.safetensors")
     assert all(torch.isfinite(t.float()).all() for t in weights.values())
@@ -126,10 +124,8 @@ def test_a_complete_marker_is_what_makes_a_checkpoint_resumable(pretraining_data
     newest = complete_checkpoints(output)[-1]
     (newest / COMPLETE).unlink()  # as if the run died while writing it
     assert complete_checkpoints(output)[-1].name == "step_00000001"
-    started = time.perf_counter()
     result = run(pretrain_command(pretraining_data, output, 3, "--resume", "auto", nproc=None), output)
     assert "resumed from" in result.stderr and "step_00000001" in result.stderr
-    assert time.perf_counter() - started < 600
 
 
 def test_after_kill_9_resume_auto_continues_from_the_last_periodic_checkpoint(pretraining_data, tmp_path):
