@@ -151,12 +151,12 @@ class Trainer:
         return ShardLoader(self.options.data, loader_config, tokenizer=self.tokenizer, rank=self.place.rank,
                            world_size=self.place.world_size, state=state)
 
-    def micro_step(self, batch: dict[str, Any]) -> tuple[dict[str, float], bool]:
+    def micro_step(self, batch: dict[str, Any], micro: int = 0) -> tuple[dict[str, float], bool]:
         images = normalize(batch["images"].to(self.device)).to(self.dtype)
         ids, mask = batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device)
         image_ids = batch.get("image_ids")
         out = self.engine(images, ids, mask, image_ids=None if image_ids is None else image_ids.to(self.device),
-                          step=self.step)
+                          step=self.step, micro=micro)
         if not all_finite(out.loss):
             return {}, False
         self.engine.backward(out.loss)
@@ -179,9 +179,9 @@ class Trainer:
         try:
             while self.step < options.max_steps:
                 values, tokens, skipped = {}, 0, False
-                for _ in range(config.train.grad_accumulation):
+                for index in range(config.train.grad_accumulation):
                     batch = next(batches)
-                    micro, finite = self.micro_step(batch)
+                    micro, finite = self.micro_step(batch, index)
                     if not finite:
                         skipped = True
                         break

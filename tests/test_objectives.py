@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+from pretrain.objectives.batch_draws import BatchDraws
 from pretrain.objectives.itc import FeatureQueue, ITCInputs, itc_loss
 from pretrain.objectives.itm import positive_mask, sample_hard_negatives
 from pretrain.objectives.mlm import IGNORE, mask_tokens
@@ -52,7 +53,7 @@ def test_mlm_masks_15_percent_with_80_10_10_and_never_special_tokens():
     ids[:, 0], ids[:, -1] = CLS, SEP
     ids[:, 80:-1] = PAD
     special = torch.isin(ids, torch.tensor([PAD, CLS, SEP]))
-    out = mask_tokens(ids, vocab_size=1000, mask_id=MASK, special_ids=(PAD, CLS, SEP, MASK), generator=generator)
+    out = mask_tokens(ids, vocab_size=1000, mask_id=MASK, special_ids=(PAD, CLS, SEP, MASK), draws=BatchDraws(generator))
     chosen = out.labels != IGNORE
     assert not (chosen & special).any()
     assert chosen.sum() / (~special).sum() == pytest.approx(0.15, abs=0.01)
@@ -97,7 +98,7 @@ def test_prefix_split_keeps_cls_and_k_pieces_and_decodes_the_rest():
     ids = torch.tensor([[CLS, 10, 11, 12, 13, 14, 15, SEP, PAD, PAD]])
     mask = (ids != PAD).long()
     for seed in range(20):
-        split = split_prefix(ids, mask, cls_id=CLS, pad_id=PAD, generator=torch.Generator().manual_seed(seed))
+        split = split_prefix(ids, mask, cls_id=CLS, pad_id=PAD, draws=BatchDraws(torch.Generator().manual_seed(seed)))
         k = split.split.item()
         assert 1 <= k <= 3  # six pieces: k in [1, 6 // 2]
         assert split.prefix_mask[0].tolist() == [1] * (k + 1) + [0] * (9 - k)

@@ -49,3 +49,17 @@ def gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
     if world_size() == 1:
         return tensor
     return _GatherWithGrad.apply(tensor)
+
+
+@torch.no_grad()
+def token_share(count: torch.Tensor) -> torch.Tensor:
+    """This rank's share of the global count of loss tokens: the all-reduced `count` over the world size.
+
+    A token loss summed on each rank and divided by this share averages, over ranks (what
+    data-parallel gradient averaging does), to the mean over every token of the global batch:
+    the same loss and gradient as one rank holding the whole batch. Every rank must call it.
+    """
+    total = count.detach().float().reshape(1)
+    if world_size() > 1:
+        dist.all_reduce(total)
+    return total[0] / world_size()

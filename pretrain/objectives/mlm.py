@@ -13,6 +13,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from pretrain.objectives.batch_draws import BatchDraws
+from pretrain.objectives.distributed import token_share
+
 IGNORE = -100  # label of the positions that carry no loss
 
 
@@ -31,21 +34,22 @@ def mask_tokens(
     probability: float = 0.15,
     mask_ratio: float = 0.8,
     random_ratio: float = 0.1,
-    generator: torch.Generator | None = None,
+    draws: BatchDraws | None = None,
 ) -> MaskedTokens:
     if not 0 <= mask_ratio + random_ratio <= 1:
         raise ValueError(f"mask_ratio + random_ratio must lie in [0, 1], got {mask_ratio} + {random_ratio}")
     device = input_ids.device
+    draws = draws or BatchDraws()
 
     def uniform() -> torch.Tensor:
-        return torch.rand(input_ids.shape, generator=generator, device=device)
+        return draws.rand(tuple(input_ids.shape), device)
 
     special = torch.isin(input_ids, torch.tensor(sorted(set(special_ids)), device=device))
     chosen = (uniform() < probability) & ~special
     action = uniform()  # one draw decides between [MASK], random and kept
     to_mask = chosen & (action < mask_ratio)
     to_random = chosen & (action >= mask_ratio) & (action < mask_ratio + random_ratio)
-    random_tokens = torch.randint(vocab_size, input_ids.shape, generator=generator, device=device)
+    random_tokens = draws.randint(vocab_size, tuple(input_ids.shape), device)
     masked = torch.where(to_mask, torch.full_like(input_ids, mask_id), input_ids)
     masked = torch.where(to_random, random_tokens, masked)
     labels = torch.where(chosen, input_ids, torch.full_like(input_ids, IGNORE))
@@ -55,15 +59,17 @@ def mask_tokens(
 def mlm_loss(logits: torch.Tensor, labels: torch.Tensor, soft_logits: torch.Tensor | None, alpha: float) -> torch.Tensor:
     """Cross-entropy on the chosen tokens, mixed with the momentum model's soft labels by `alpha`.
 
-    logits, soft_logits: (B, L, V); labels: (B, L). A batch with no chosen token gives a zero loss.
+    logits, soft_logits: (B, L, V); labels: (B, L). The mean runs over the chosen tokens of the whole
+    global batch (see `token_share`); a global batch with no chosen token gives a zero loss.
     """
     chosen = labels != IGNORE
-    if not bool(chosen.any()):
+    share = token_share(chosen.sum())  # a collective: before any early return
+    if not bool(share > 0):
         return logits.sum() * 0.0  # keeps the graph connected for every rank
     log_probs = F.log_softmax(logits[chosen].float(), dim=-1)  # (K, V)
-    loss = F.nll_loss(log_probs, labels[chosen])
+    loss = F.nll_loss(log_probs, labels[chosen], reduction="sum") / share
     if soft_logits is not None and alpha > 0:
         soft = F.softmax(soft_logits[chosen].float(), dim=-1)
-        distill = -(soft * log_probs).sum(dim=-1).mean()
+        distill = -(soft * log_probs).sum() / share
         loss = (1 - alpha) * loss + alpha * distill
     return loss

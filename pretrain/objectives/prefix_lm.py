@@ -12,6 +12,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from pretrain.objectives.batch_draws import BatchDraws
+from pretrain.objectives.distributed import token_share
 from pretrain.objectives.mlm import IGNORE
 
 
@@ -30,7 +32,7 @@ def split_prefix(
     *,
     cls_id: int,
     pad_id: int,
-    generator: torch.Generator | None = None,
+    draws: BatchDraws | None = None,
 ) -> PrefixSplit:
     """Split each `[CLS] w1 .. wn [SEP]` caption at k in [1, max(1, n // 2)] (k = 0 when n = 0)."""
     batch, length = input_ids.shape
@@ -38,7 +40,7 @@ def split_prefix(
     lengths = attention_mask.sum(dim=1)  # (B,) [CLS] + n pieces + [SEP]
     pieces = (lengths - 2).clamp(min=0)
     upper = (pieces // 2).clamp(min=1)
-    draw = torch.rand(batch, generator=generator, device=device)
+    draw = (draws or BatchDraws()).rand((batch,), device)
     split = (1 + (draw * upper).long()).clamp(max=upper).minimum(pieces)  # (B,)
     positions = torch.arange(length, device=device)[None, :]  # (1, L)
     prefix_mask = ((positions <= split[:, None]) & attention_mask.bool()).long()
@@ -56,5 +58,10 @@ def split_prefix(
 
 
 def prefix_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Token-level cross-entropy of the decoder logits (B, L, V) against `labels` (B, L)."""
-    return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE)
+    """Token-level cross-entropy of the decoder logits (B, L, V) against `labels` (B, L), averaged
+    over the target tokens of the whole global batch (see `token_share`)."""
+    share = token_share((labels != IGNORE).sum())
+    if not bool(share > 0):
+        return logits.sum() * 0.0
+    loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE, reduction="sum")
+    return loss / share

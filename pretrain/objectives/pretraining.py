@@ -14,6 +14,8 @@ from torch import nn
 from pretrain.config.schema import Config
 from pretrain.models.factory import build_mplug
 from pretrain.models.mplug import MPLUG, image_feature, text_feature
+from pretrain.objectives.batch_draws import BatchDraws
+from pretrain.objectives.distributed import rank, world_size
 from pretrain.objectives.itc import NO_ID, FeatureQueue, ITCInputs, itc_loss
 from pretrain.objectives.itm import ITMInputs, itm_loss
 from pretrain.objectives.mlm import mask_tokens, mlm_loss
@@ -59,10 +61,15 @@ class MPLUGPretraining(nn.Module):
         attention_mask: torch.Tensor,
         image_ids: torch.Tensor | None = None,
         step: int = 0,
+        micro: int = 0,
     ) -> PretrainOutput:
-        """images (B, 3, H, W); input_ids, attention_mask (B, L) as `[CLS] caption [SEP] [PAD]..`."""
+        """images (B, 3, H, W); input_ids, attention_mask (B, L) as `[CLS] caption [SEP] [PAD]..`.
+
+        `step` and `micro` (the micro-batch within the step) seed the masking and prefix draws.
+        """
         obj, model, text_cfg = self.objectives, self.model, self.config.model.text
         alpha = self.alpha(step)
+        draws = BatchDraws.for_step(self.config.train.seed, step, micro, rank(), world_size())
         losses: dict[str, torch.Tensor] = {}
         vision = model.encode_image(images)  # (B, Lv, D)
         vision_m = None
@@ -101,6 +108,7 @@ class MPLUGPretraining(nn.Module):
                 probability=obj.mlm_probability,
                 mask_ratio=obj.mlm_mask_ratio,
                 random_ratio=obj.mlm_random_ratio,
+                draws=draws,
             )
             fused = model.fuse(model.encode_text(masked.input_ids, attention_mask), attention_mask, vision)
             logits = model.mlm_head(fused.text)  # (B, L, V)
@@ -112,7 +120,7 @@ class MPLUGPretraining(nn.Module):
                     soft_logits = m.mlm_head(fused_m.text)
             losses["mlm"] = mlm_loss(logits, masked.labels, soft_logits, alpha)
         if obj.prefix_lm:
-            split = split_prefix(input_ids, attention_mask, cls_id=text_cfg.cls_id, pad_id=text_cfg.pad_id)
+            split = split_prefix(input_ids, attention_mask, cls_id=text_cfg.cls_id, pad_id=text_cfg.pad_id, draws=draws)
             prefix = model.fuse(model.encode_text(input_ids, split.prefix_mask), split.prefix_mask, vision)
             memory_mask = torch.cat([torch.ones_like(vision[:, :, 0], dtype=torch.long), split.prefix_mask], dim=1)
             logits = model.decode(split.decoder_ids, split.decoder_mask, prefix.joint(), memory_mask)
