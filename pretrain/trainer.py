@@ -90,6 +90,10 @@ def peak_memory_bytes() -> int:
 
 
 class Trainer:
+    """The pretraining run; fine-tuning subclasses it and replaces `loader`, `forward`, `tags` and `finish`."""
+
+    stage = "pretrain"  # the MLflow stage tag
+
     def __init__(self, config: Config, options: RunOptions, place: ProcessPlace, tokenizer,
                  model: MPLUGPretraining | None = None):
         self.config, self.options, self.place, self.tokenizer = config, options, place, tokenizer
@@ -104,6 +108,8 @@ class Trainer:
         peak = resolve_peak_flops(torch.cuda.get_device_name() if torch.cuda.is_available() else None,
                                   config.train.precision, options.peak_flops)
         self.peak_flops = peak
+        self.run_id: str | None = None  # the MLflow run, once tracking started (rank 0)
+        self.loss_names: list[str] = []
 
     # -- state ---------------------------------------------------------------------------------
 
@@ -135,8 +141,13 @@ class Trainer:
             return None
         model_state = {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")}
         folder = self.options.output / PACKAGE
-        export_state_dict(folder, model_state, self.config, self.tokenizer, step=self.step)
+        export_state_dict(folder, model_state, self.config, self.tokenizer, step=self.step, run_id=self.run_id,
+                          extra=self.package_extra())
         return folder
+
+    def package_extra(self) -> dict[str, Any]:
+        """What the package's package.json records beside the weights (fine-tuning adds its task)."""
+        return {}
 
     # -- the loop ------------------------------------------------------------------------------
 
@@ -151,18 +162,34 @@ class Trainer:
         return ShardLoader(self.options.data, loader_config, tokenizer=self.tokenizer, rank=self.place.rank,
                            world_size=self.place.world_size, state=state)
 
-    def micro_step(self, batch: dict[str, Any], micro: int = 0) -> tuple[dict[str, float], bool]:
+    def forward(self, batch: dict[str, Any], micro: int):
+        """One micro-batch through the engine; the result has `loss` and the named `losses`."""
         images = normalize(batch["images"].to(self.device)).to(self.dtype)
         ids, mask = batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device)
         image_ids = batch.get("image_ids")
-        out = self.engine(images, ids, mask, image_ids=None if image_ids is None else image_ids.to(self.device),
-                          step=self.step, micro=micro)
+        return self.engine(images, ids, mask, image_ids=None if image_ids is None else image_ids.to(self.device),
+                           step=self.step, micro=micro)
+
+    def tags(self) -> dict[str, str]:
+        """Extra MLflow tags of the run."""
+        return {}
+
+    def finish(self, tracker, package: Path | None) -> None:
+        """After the last step and the final package (on every rank; `package` is None off rank 0)."""
+        if package is not None:
+            tracker.log_model_package(package)
+
+    def micro_step(self, batch: dict[str, Any], micro: int = 0) -> tuple[dict[str, float], bool]:
+        out = self.forward(batch, micro)
+        self.loss_names = list(out.losses)
         if not all_finite(out.loss):
             return {}, False
         self.engine.backward(out.loss)
         self.engine.step()
         values = {name: value.item() for name, value in out.losses.items()}
-        return {"loss": out.loss.item(), **values, "alpha": out.alpha}, True
+        if hasattr(out, "alpha"):
+            values["alpha"] = out.alpha
+        return {"loss": out.loss.item(), **values}, True
 
     def run(self) -> int:
         """Train to `max_steps`; returns the process exit code (0 also when stopped by a signal)."""
@@ -172,7 +199,8 @@ class Trainer:
         loader = self.loader(rank_state.get("loader"))
         stop = StopRequest()
         tracker = Tracker.start(options.output, to_dict(config), config_name=options.config_name or config.name,
-                                stage="pretrain", rank=place.rank)
+                                stage=self.stage, tags=self.tags(), rank=place.rank)
+        self.run_id = getattr(tracker, "run_id", None)
         batches = iter(loader)
         status, code = "FINISHED", 0
         started, window_start, window_samples, window_tokens = time.perf_counter(), time.perf_counter(), 0, 0
@@ -222,10 +250,8 @@ class Trainer:
                     self.export_package()
             else:
                 if self.step % config.train.checkpoint_every:  # the last periodic one is older
-                    self.checkpoint(loader)
-                folder = self.export_package()
-                if folder is not None:
-                    tracker.log_model_package(folder)
+                    tracker.set_checkpoint_location(str(self.checkpoint(loader)))
+                self.finish(tracker, self.export_package())
             return code
         except BaseException:
             status = "FAILED"
@@ -263,7 +289,7 @@ class Trainer:
     def print_progress(self, metrics: dict[str, float], started: float) -> None:
         elapsed = time.perf_counter() - started
         remaining = (self.options.max_steps - self.step) * elapsed / max(self.step, 1)
-        losses = "  ".join(f"{k} {metrics[k]:.3f}" for k in ("loss", "itc", "itm", "mlm", "prefix_lm") if k in metrics)
+        losses = "  ".join(f"{k} {metrics[k]:.3f}" for k in ("loss", *self.loss_names) if k in metrics)
         mfu = f"  mfu {metrics['mfu']:.1%}" if "mfu" in metrics else ""
         line = (f"step {self.step}/{self.options.max_steps}  {losses}  {metrics['samples_per_s']:.1f} samples/s"
                 f"{mfu}  eta {remaining / 60:.1f} min")
