@@ -16,9 +16,11 @@ $(BIN)/mplug: pyproject.toml
 	$(BIN)/python -m pip install -e ".[dev]"
 	touch $(BIN)/mplug
 
-# Programs the tests and the demo use beside Python packages (a C++ compiler for DeepSpeed's CPU ops).
+# Programs the tests and the demo use beside Python packages (a C++ compiler for DeepSpeed's CPU ops,
+# a Java runtime for the caption metrics' PTB tokenizer and METEOR).
 system-deps:
 	@command -v g++ >/dev/null || (apt-get update && apt-get install -y g++)
+	@command -v java >/dev/null || (apt-get update && apt-get install -y default-jre-headless)
 
 demo: venv system-deps
 	$(BIN)/mplug demo --output $(OUTPUT)
