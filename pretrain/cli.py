@@ -98,7 +98,8 @@ def train_this_rank(args: argparse.Namespace, config) -> int:
     config = with_tokenizer(config, tokenizer)
     place = place_from_environment()
     init_distributed(place)
-    options = RunOptions(data=args.data, output=args.output, max_steps=args.max_steps or config.train.max_steps,
+    max_steps = config.train.max_steps if args.max_steps is None else args.max_steps  # 0: a package of the init
+    options = RunOptions(data=args.data, output=args.output, max_steps=max_steps,
                          resume=args.resume, config_name=args.config, peak_flops=args.peak_flops)
     return Trainer(config, options, place, tokenizer).run()
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 import torch
 
@@ -37,3 +39,27 @@ def pair_batch(synthetic_scenes, tokenizer):
     images = torch.stack([image_tensor(s.image, 64) for s in synthetic_scenes])
     text = tokenize(tokenizer, [s.caption for s in synthetic_scenes], 24)
     return {"images": images, **text, "image_ids": torch.arange(len(synthetic_scenes))}
+
+
+@pytest.fixture(scope="session")
+def task_shards(tmp_path_factory):
+    """Synthetic COCO-Karpathy, VQA v2 and RefCOCO data converted to task shards (data_prep.synthetic_task_shards)."""
+    from data_prep.synthetic_task_shards import write_task_shards
+
+    return write_task_shards(tmp_path_factory.mktemp("task-shards"))
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """A real `mlflow server` on loopback (see mlflow_server.py), stopped after the module."""
+    from mlflow_server import MLFLOW, Server
+
+    from pretrain.launch import free_port
+
+    if not MLFLOW.exists():
+        pytest.skip(f"the mlflow command is not installed beside {sys.executable}")
+    folder = tmp_path_factory.mktemp("mlflow-server")
+    running = Server(free_port(), folder / "server.db", folder / "artifacts", folder / "server.log")
+    running.start()
+    yield running
+    running.stop()

@@ -14,9 +14,6 @@ import os
 import re
 import signal
 import subprocess
-import sys
-import time
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,15 +25,11 @@ from test_pretrain import pretrain_command, pretraining_data  # noqa: F401 (a fi
 
 from data_prep.batch import tokenize
 from pretrain.config import load_config, to_dict
-from pretrain.launch import free_port
 from pretrain.metrics_buffer import HTTP_SETTINGS, RunRecord
 from pretrain.models.mplug import image_feature, text_feature
 from pretrain.package import load_package
 from pretrain.tracking import flatten_params, plain, replay_metrics
 
-MLFLOW = Path(sys.executable).parent / "mlflow"
-SERVER_START_TIMEOUT_S = 120  # importing mlflow and migrating a new store take ~25 s on 2 busy cores
-SERVER_STOP_TIMEOUT_S = 15
 TRAIN_TIMEOUT_S = 400
 LOSSES = ("loss", "itc", "itm", "mlm", "prefix_lm")
 TRACKED_STEPS = 6
@@ -45,71 +38,6 @@ KILL_AFTER_STEP = 5  # the server is killed once this step is printed, with 25 s
 PROGRESS = re.compile(r"^step (\d+)/\d+  (.*?)  [\d.]+ samples/s")
 
 pytestmark = pytest.mark.slow
-
-
-@dataclass
-class Server:
-    """`mlflow server` as a subprocess in its own process group (the CLI and its uvicorn worker)."""
-
-    port: int
-    store: Path
-    artifacts: Path
-    log: Path
-    process: subprocess.Popen | None = None
-
-    @property
-    def uri(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def start(self) -> None:
-        command = [str(MLFLOW), "server", "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1",
-                   "--backend-store-uri", f"sqlite:///{self.store}", "--serve-artifacts",
-                   "--artifacts-destination", str(self.artifacts)]
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-        began_at = self.log.stat().st_size if self.log.exists() else 0
-        with open(self.log, "ab") as log:
-            self.process = subprocess.Popen(command, env=env, stdout=log, stderr=log, start_new_session=True)
-        deadline = time.monotonic() + SERVER_START_TIMEOUT_S
-        while time.monotonic() < deadline and self.process.poll() is None:
-            try:
-                with urllib.request.urlopen(f"{self.uri}/health", timeout=1):
-                    return
-            except OSError:
-                time.sleep(0.3)
-        code = self.process.poll()
-        self.stop()
-        state = (f"exited with code {code}" if code is not None
-                 else f"did not answer within {SERVER_START_TIMEOUT_S} s")
-        with open(self.log, "rb") as log:
-            log.seek(began_at)
-            output = log.read().decode(errors="replace")[-4000:]
-        pytest.fail(f"`mlflow server` on {self.uri} {state}; its output:\n{output}")
-
-    def stop(self) -> None:
-        """Terminate the server's process group, killing it if it has not ended within the timeout."""
-        if self.process is None or self.process.poll() is not None:
-            return
-        os.killpg(self.process.pid, signal.SIGTERM)
-        try:
-            self.process.wait(timeout=SERVER_STOP_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            self.kill()
-
-    def kill(self) -> None:
-        """End the server at once, as a crash would: in-flight requests get no answer."""
-        os.killpg(self.process.pid, signal.SIGKILL)
-        self.process.wait()
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    if not MLFLOW.exists():
-        pytest.skip(f"the mlflow command is not installed beside {sys.executable}")
-    folder = tmp_path_factory.mktemp("mlflow-server")
-    running = Server(free_port(), folder / "server.db", folder / "artifacts", folder / "server.log")
-    running.start()
-    yield running
-    running.stop()
 
 
 def trainer_env(uri: str) -> dict[str, str]:

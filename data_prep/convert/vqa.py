@@ -19,7 +19,8 @@ Images: `ROOT/{subtype}/COCO_{subtype}_{image_id:012d}.jpg` for VQA (`image_patt
 One sample per question, key `QUESTIONID` (`vg_QAID` for VG), txt = the question. Task fields
 in KEY.json: question_id, image_id, question, answers (the unique answers, most frequent
 first), weights (for each unique answer its count / number of answers: the loss weighting by
-annotator agreement, [yes x7, no x3] -> [0.7, 0.3]), answer_type, question_type (None where the
+annotator agreement, [yes x7, no x3] -> [0.7, 0.3]), annotator_answers (every annotator's answer
+as recorded: what the official accuracy counts), answer_type, question_type (None where the
 source has none), source ("vqa" or "vg"). splits.json lists question ids, `vg_QAID` for VG.
 """
 
@@ -156,7 +157,7 @@ def _annotation_fields(index: dict[int, dict], file: str, question_id: int, imag
             except RecordProblem as problem:
                 raise RecordProblem(f"answers[{position}]: {problem.message}") from None
         answers, weights = weighted_answers(texts)
-        return {"answers": answers, "weights": weights,
+        return {"answers": answers, "weights": weights, "annotator_answers": texts,
                 "answer_type": need(annotation, "answer_type", str),
                 "question_type": need(annotation, "question_type", str)}
     except RecordProblem as problem:

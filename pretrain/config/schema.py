@@ -39,6 +39,7 @@ class TextConfig:
     layer_norm_eps: float = 1e-12
     encoder_layers: int = 6
     decoder_layers: int = 12
+    decoder_extra_tokens: int = 0  # ids after the text vocabulary known to the decoder only (grounding's box bins)
     pad_id: int = 0
     cls_id: int = 101
     sep_id: int = 102

@@ -18,7 +18,7 @@ INIT_STD = 0.02  # BERT's initializer_range
 
 def bert_config(cfg: TextConfig, *, decoder: bool = False) -> BertConfig:
     config = BertConfig(
-        vocab_size=cfg.vocab_size,
+        vocab_size=cfg.vocab_size + (cfg.decoder_extra_tokens if decoder else 0),
         hidden_size=cfg.width,
         num_attention_heads=cfg.heads,
         intermediate_size=cfg.intermediate,
@@ -84,7 +84,9 @@ class MLMHead(nn.Module):
 
     def __init__(self, cfg: TextConfig, embedding: nn.Embedding):
         super().__init__()
-        self.head = BertOnlyMLMHead(bert_config(cfg))
+        config = bert_config(cfg)
+        config.vocab_size = embedding.num_embeddings  # the decoder's may hold extra tokens
+        self.head = BertOnlyMLMHead(config)
         init_bert_weights(self.head)
         predictions = self.head.predictions
         predictions.decoder.weight = embedding.weight

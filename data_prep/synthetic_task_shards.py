@@ -1,0 +1,35 @@
+"""The synthetic dataset converted into fine-tuning shards: captions (also retrieval), VQA, grounding.
+
+What the task tests, the fine-tuning benchmark and the demo train on: `write_synthetic` writes
+the official annotation formats, and the converters turn them into task shards exactly as they
+would the real files.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from data_prep.convert import convert_coco_karpathy, convert_refcoco, convert_vqa_v2
+from data_prep.synthetic_export import write_synthetic
+
+
+@dataclass
+class TaskShards:
+    root: Path
+    caption: Path  # coco_karpathy output: train/ val/ test/ (also the retrieval data)
+    vqa: Path  # vqa_v2 output: train/ val/
+    grounding: Path  # refcoco output: train/ val/ testA/ testB/ ...
+    answer_list: Path
+
+
+def write_task_shards(root: Path, scenes: int = 60, seed: int = 0, image_size: int = 64) -> TaskShards:
+    synthetic = write_synthetic(root / "synthetic", scenes, seed=seed, image_size=image_size)
+    images = synthetic.images_dir
+    convert_coco_karpathy(synthetic.karpathy_coco, root / "caption", images, shard_size=64)
+    convert_vqa_v2([synthetic.vqa_questions("train2014"), synthetic.vqa_questions("val2014")], root / "vqa", images,
+                   annotations=[synthetic.vqa_annotations("train2014"), synthetic.vqa_annotations("val2014")],
+                   shard_size=64)
+    convert_refcoco(synthetic.refcoco_refs, synthetic.refcoco_instances, root / "grounding", images,
+                    shard_size=64)
+    return TaskShards(root, root / "caption", root / "vqa", root / "grounding", synthetic.answer_list)
