@@ -31,16 +31,24 @@ def build_task(init: InitSource, task_cls: type, finetune: Any) -> tuple[TaskMod
     return task, task.model_config(config)
 
 
-def resolve_on_rank_zero_first(source: str, output: Path, place) -> InitSource:
-    """Rank 0 downloads an MLflow source; the others wait, then read the same folder (shared output)."""
+def resolve_on_rank_zero(source: str, output: Path) -> InitSource:
+    """Rank 0 resolves (and downloads) the source once; every rank gets its result, or its error.
+
+    The other ranks then read the folder rank 0 downloaded into (the output is shared).
+    """
     import torch.distributed as dist
 
-    if place.is_main:
-        init = resolve_init(source, output / INIT_DIR)
-        dist.barrier()
-        return init
-    dist.barrier()
-    return resolve_init(source, output / INIT_DIR)
+    outcome: InitSource | str | None = None
+    if dist.get_rank() == 0:
+        try:
+            outcome = resolve_init(source, output / INIT_DIR)
+        except InitSourceError as exc:
+            outcome = str(exc)  # sent to every rank, so none waits for a download that never comes
+    box = [outcome]
+    dist.broadcast_object_list(box, src=0)
+    if isinstance(box[0], str):
+        raise InitSourceError(box[0])
+    return box[0]
 
 
 def finetune_this_rank(args: argparse.Namespace) -> int:
@@ -58,7 +66,7 @@ def finetune_this_rank(args: argparse.Namespace) -> int:
     place = place_from_environment()
     init_distributed(place)
     try:
-        init = resolve_on_rank_zero_first(args.init, args.output, place)
+        init = resolve_on_rank_zero(args.init, args.output)
     except InitSourceError as exc:
         print(f"mplug finetune: {exc}", file=sys.stderr)
         return 2

@@ -31,6 +31,7 @@ from torch import nn
 
 from pretrain.config.schema import Config
 from pretrain.models.mplug import MPLUG
+from pretrain.objectives import distributed
 
 
 @dataclass
@@ -51,7 +52,7 @@ class EvalContext:
 
     def gather(self, records: list[Any]) -> list[Any]:
         """Every rank's `records` concatenated in rank order on rank 0 (an empty list elsewhere)."""
-        if self.world_size == 1 or not (dist.is_available() and dist.is_initialized()):
+        if distributed.world_size() == 1:  # no process group: one process holds everything
             return list(records)
         parts: list[list[Any]] | None = [[] for _ in range(self.world_size)] if self.is_main else None
         dist.gather_object(list(records), parts, dst=0)
@@ -59,7 +60,7 @@ class EvalContext:
 
     def broadcast(self, value: Any) -> Any:
         """Rank 0's `value` on every rank."""
-        if self.world_size == 1 or not (dist.is_available() and dist.is_initialized()):
+        if distributed.world_size() == 1:  # no process group: one process holds everything
             return value
         box = [value]
         dist.broadcast_object_list(box, src=0)
