@@ -36,7 +36,7 @@ TEXT_LENGTH = 24  # the tiny preset's data.max_text_length
 BATCH = 8
 RECALL_KEYS = [f"{d}_r{k}" for d in ("txt", "img") for k in (1, 5, 10)] + ["txt_r_mean", "img_r_mean", "r_mean"]
 SIMULATIONS = 4000
-OVERFIT_STEPS, OVERFIT_LR, OVERFIT_TAIL, OVERFIT_RATIO = 120, 2e-3, 10, 0.7
+OVERFIT_STEPS, OVERFIT_LR, OVERFIT_TAIL, OVERFIT_RATIO = 200, 2e-3, 10, 0.7
 ITM_CHANCE = -(math.log(1 / 3) / 3 + 2 * math.log(2 / 3) / 3)  # entropy of 1 positive : 2 negatives
 
 
