@@ -41,6 +41,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     predict.add_argument("--output", type=Path, help="where to put the image with the box drawn (grounding)")
     predict.set_defaults(handler=run_predict)
 
+    from finetune.official_tasks import register as register_official_import
+    from pretrain.cli import import_subcommands
+
+    register_official_import(import_subcommands(subparsers))  # `mplug import official`
+
 def forwarded_arguments(args: argparse.Namespace) -> list[str]:
     argv = ["finetune", args.task, "--init", args.init, "--data", args.data, "--output", str(args.output)]
     for flag, value in (("--preset", args.preset), ("--max-steps", args.max_steps), ("--resume", args.resume),

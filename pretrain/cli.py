@@ -1,4 +1,6 @@
-"""`mplug model ...` (inspecting presets) and `mplug pretrain` (training, memory estimates)."""
+"""`mplug model ...` (inspecting presets), `mplug pretrain` (training, memory estimates), `mplug import
+clip|bert` (public initialisations into a package; finetune adds `mplug import official`) and
+`mplug export` (a package in timm / transformers / plain safetensors layouts)."""
 
 from __future__ import annotations
 
@@ -24,6 +26,56 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     summary.add_argument("--json", action="store_true", help="print JSON instead of a table")
     summary.set_defaults(handler=run_summary)
     register_pretrain(subparsers)
+    register_import(import_subcommands(subparsers))
+    register_export(subparsers)
+
+
+IMPORT_COMMAND = "import"
+IMPORT_SUBCOMMANDS = "import_subcommands"  # the attribute of the `import` parser holding its sub-commands
+
+
+def import_subcommands(subparsers: argparse._SubParsersAction) -> argparse._SubParsersAction:
+    """The sub-commands of `mplug import`, created on first use; finetune adds `official` to them."""
+    if IMPORT_COMMAND not in subparsers.choices:
+        parser = subparsers.add_parser(
+            IMPORT_COMMAND, help="bring weights in as a model package: official mPLUG checkpoints, CLIP, BERT")
+        setattr(parser, IMPORT_SUBCOMMANDS, parser.add_subparsers(dest="import_command", required=True,
+                                                                  metavar="SOURCE"))
+    return getattr(subparsers.choices[IMPORT_COMMAND], IMPORT_SUBCOMMANDS)
+
+
+def register_import(commands: argparse._SubParsersAction) -> None:
+    sources = {
+        "clip": ("FILE", "a CLIP ViT (OpenAI TorchScript .pt/.tar, timm or open_clip state dict) into the vision tower"),
+        "bert": ("DIR", "a Hugging Face BERT folder into the text encoder, fusion, decoder and MLM heads"),
+    }
+    for name, (metavar, text) in sources.items():
+        command = commands.add_parser(name, help=text, description=text + (
+            ", in a new package of --config (or into the package --package); the momentum copies are set to the "
+            "online weights. Nothing is downloaded."))
+        command.add_argument("source", metavar=metavar, type=Path)
+        start = command.add_mutually_exclusive_group(required=True)
+        start.add_argument("--config", help=f"a preset ({', '.join(preset_names())}) or YAML file for a new model")
+        start.add_argument("--package", type=Path, help="an existing package to import into (its config is kept)")
+        command.add_argument("--output", required=True, type=Path, help="the package folder to write")
+        command.add_argument("--tokenizer", type=Path, help="tokenizer folder (default: the package's, the BERT "
+                                                           "folder's vocabulary, or model.text.tokenizer)")
+        command.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                             help="override a config value of a new model, e.g. --set model.vision.image_size=384")
+        command.add_argument("--seed", type=int, default=0, help="initialises the parts not imported")
+        command.set_defaults(handler=run_import_part, part=name)
+
+
+def register_export(subparsers: argparse._SubParsersAction) -> None:
+    export = subparsers.add_parser(
+        "export", help="a model package as plain safetensors, or as timm + transformers folders (--format hf)",
+        description="safetensors: OUTPUT/model.safetensors + config.json + tokenizer/. hf: OUTPUT/vision (timm "
+                    "'local-dir:' model), OUTPUT/text_encoder (BertModel), OUTPUT/decoder (BertLMHeadModel), "
+                    "OUTPUT/mplug.safetensors (fusion and heads). Momentum copies are left out.")
+    export.add_argument("package", type=Path, help="a model package folder")
+    export.add_argument("--format", required=True, choices=("safetensors", "hf"))
+    export.add_argument("--output", required=True, type=Path, help="a new or empty folder")
+    export.set_defaults(handler=run_export)
 
 
 def register_pretrain(subparsers: argparse._SubParsersAction) -> None:
@@ -102,6 +154,46 @@ def train_this_rank(args: argparse.Namespace, config) -> int:
     options = RunOptions(data=args.data, output=args.output, max_steps=max_steps,
                          resume=args.resume, config_name=args.config, peak_flops=args.peak_flops)
     return Trainer(config, options, place, tokenizer).run()
+
+
+def run_import_part(args: argparse.Namespace) -> int:
+    from pretrain.config.tokens import with_tokenizer
+    from pretrain.models.weights import TOKENIZER_FILES, load_tokenizer
+    from pretrain.public_weights import import_part
+
+    config, tokenizer_dir = None, args.tokenizer
+    if args.config:
+        config = load_config(args.config, args.overrides)
+        if tokenizer_dir is None and args.part == "bert" and any((args.source / f).is_file() for f in TOKENIZER_FILES):
+            tokenizer_dir = args.source  # a BERT folder carries its vocabulary
+        tokenizer_dir = tokenizer_dir or config.model.text.tokenizer
+        if not tokenizer_dir:
+            raise SystemExit("error: a new package needs a tokenizer: give --tokenizer DIR or set model.text.tokenizer")
+    elif args.overrides:
+        raise SystemExit("error: --set changes the config of a new model; with --package the package's config is kept")
+    try:
+        tokenizer = load_tokenizer(tokenizer_dir) if tokenizer_dir else None
+        if config is not None:
+            config = with_tokenizer(config, tokenizer)
+        path = import_part(args.part, args.source, args.output, tokenizer, config=config, package=args.package,
+                           seed=args.seed)
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"mplug import {args.part}: {exc}", file=sys.stderr)
+        return 2
+    print(f"model package written to {path}")
+    return 0
+
+
+def run_export(args: argparse.Namespace) -> int:
+    from pretrain.export import export_package_as
+
+    try:
+        path = export_package_as(args.package, args.output, args.format)
+    except (FileNotFoundError, FileExistsError, ValueError) as exc:
+        print(f"mplug export: {exc}", file=sys.stderr)
+        return 2
+    print(f"{args.package} exported as {args.format} to {path}")
+    return 0
 
 
 def run_summary(args: argparse.Namespace) -> int:

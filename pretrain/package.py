@@ -8,12 +8,16 @@ A package is a directory:
     tokenizer/          the tokenizer, as `save_pretrained` writes it
     package.json        format version, step, run id, parameter count, dtype, creation time, the
                         sha256 of model.safetensors and the tied names left out of it
+    itc_queue.safetensors  optional: the ITC feature queue (FeatureQueue's buffers), e.g. of an imported
+                        official retrieval checkpoint; `read_itc_queue` returns it
+    *.json              optional side files such as an import report (`files=` of the exporters)
 
 `export_package` writes one from a model, `export_state_dict` from a consolidated state dict (what a
 ZeRO-3 trainer gathers on rank 0), both into a temporary sibling renamed into place, so a crash never
 leaves half a package. `load_package` rebuilds the model from config.yaml alone (random
 initialisation: the pretrained files the config names are not read) and loads the weights strictly.
-The ITC queue and optimizer state are training state and stay in DeepSpeed's checkpoints.
+A training run's ITC queue and optimizer state stay in DeepSpeed's checkpoints; an imported
+official queue rides along as itc_queue.safetensors.
 """
 
 from __future__ import annotations
@@ -52,6 +56,7 @@ TOKENIZER_DIR = "tokenizer"
 INFO_FILE = "package.json"
 PACKAGE_ENTRIES = (INFO_FILE, WEIGHTS_FILE, CONFIG_FILE, TOKENIZER_DIR + "/")
 MOMENTUM_PREFIX = "momentum."
+QUEUE_FILE = "itc_queue.safetensors"
 HASH_CHUNK = 1 << 20  # bytes read at a time when hashing the weights
 TOKENIZER_FIELDS = ("vocab_size", "pad_id", "cls_id", "sep_id", "mask_id")  # of TextConfig
 
@@ -160,8 +165,12 @@ def export_package(
     step: int | None = None,
     run_id: str | None = None,
     extra: dict | None = None,
+    files: Mapping[str, bytes] | None = None,
 ) -> Path:
-    """Write `model` as a package at `directory`, replacing a package already there; returns the path."""
+    """Write `model` as a package at `directory`, replacing a package already there; returns the path.
+
+    `files` are written beside the weights, named by their keys (an import report, the ITC queue).
+    """
     if not isinstance(model, MPLUG):
         raise TypeError(f"export_package takes the MPLUG model, got {type(model).__name__}; for a "
                         "wrapper such as MPLUGPretraining pass its `.model`")
@@ -169,7 +178,7 @@ def export_package(
         raise PackageError("the model was built from a different model config than `config.model`; pass "
                            "the Config the model was built from, so the package rebuilds the same model")
     return export_state_dict(directory, model.state_dict(), config, tokenizer,
-                             step=step, run_id=run_id, extra=extra)
+                             step=step, run_id=run_id, extra=extra, files=files)
 
 
 def export_state_dict(
@@ -182,6 +191,7 @@ def export_state_dict(
     run_id: str | None = None,
     extra: dict | None = None,
     prefix: str = "",
+    files: Mapping[str, bytes] | None = None,
 ) -> Path:
     """Write a consolidated MPLUG state dict as a package at `directory`; returns the path.
 
@@ -208,6 +218,12 @@ def export_state_dict(
             raise PackageError(f"state dict to export: {alias} and {canonical} are tied in the model "
                                "but differ here; the state dict was not taken from one model")
     tensors = {name: state[name].detach().cpu().contiguous() for name in layout.shapes}
+    side_files = dict(files or {})
+    reserved = {INFO_FILE, WEIGHTS_FILE, CONFIG_FILE, TOKENIZER_DIR}
+    clashing = [name for name in side_files if name in reserved or "/" in name or name.startswith(".")]
+    if clashing:
+        raise PackageError(f"side files {clashing} would replace a part of the package or leave it; name them "
+                           f"with a plain file name other than {', '.join(sorted(reserved))}")
 
     tokenizer = resolve_tokenizer(tokenizer, config.model.text)
     info_fields = {"step": step, "run_id": run_id, "extra": dict(extra or {})}
@@ -232,6 +248,8 @@ def export_state_dict(
             **info_fields,
         )
         (staging / INFO_FILE).write_text(json.dumps(asdict(info), indent=2) + "\n")
+        for name, content in side_files.items():
+            (staging / name).write_bytes(content)
 
     path = write_atomically(Path(directory), write)
     log.info("model package written to %s (%d tensors, step %s)", path, len(tensors), step)
@@ -332,6 +350,15 @@ def read_package_info(directory: PathLike) -> PackageInfo:
     except TypeError as exc:
         raise PackageError(f"{directory / INFO_FILE} does not have the fields of format version "
                            f"{version} ({exc})") from exc
+
+
+def read_itc_queue(directory: PathLike) -> dict[str, torch.Tensor] | None:
+    """The ITC queue stored in a package (FeatureQueue's buffers by name), or None when it holds none."""
+    path = Path(directory) / QUEUE_FILE
+    if not path.is_file():
+        return None
+    with safe_open(path, framework="pt") as f:
+        return {name: f.get_tensor(name) for name in f.keys()}
 
 
 def load_package(
