@@ -6,7 +6,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 OUTPUT ?= demo-output
 
-.PHONY: demo test lint venv system-deps clean
+.PHONY: demo test lint venv system-deps test-system-deps clean
 
 venv: $(BIN)/mplug
 
@@ -22,11 +22,15 @@ system-deps:
 	@command -v g++ >/dev/null || (apt-get update && apt-get install -y g++)
 	@command -v java >/dev/null || (apt-get update && apt-get install -y default-jre-headless)
 
+# The tests also bring up a single-node Slurm cluster (Debian's slurmctld, slurmd and munge).
+test-system-deps: system-deps
+	@command -v slurmctld >/dev/null || (apt-get update && apt-get install -y slurmctld slurmd slurm-client munge)
+
 demo: venv system-deps
 	$(BIN)/mplug demo --output $(OUTPUT)
 
-test: venv system-deps
-	$(BIN)/python -m pytest -q
+test: venv test-system-deps
+	$(BIN)/python -m pytest -q --durations=25
 
 lint: venv
 	$(BIN)/ruff check .

@@ -10,6 +10,7 @@ import data_prep.cli
 import finetune.cli
 import pretrain.cli
 from cluster.demo import register as register_demo
+from cluster.submit import register as register_submit
 from pretrain.config import ConfigError
 
 
@@ -22,6 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for package_cli in (data_prep.cli, pretrain.cli, finetune.cli):
         package_cli.register(commands)
+    register_submit(commands)
     register_demo(commands)
     return parser
 

@@ -160,7 +160,7 @@ def register_download(commands: argparse._SubParsersAction) -> None:
     download.add_argument("--retries", type=int, default=defaults.retries,
                           help="passes over shards a dead worker left without stats (default: %(default)s)")
     download.add_argument("--ray-address", default=None,
-                          help="address of a running Ray cluster (default: start a local Ray)")
+                          help="address of a running Ray cluster (default: the cluster of the Ray job this runs in, else a new local Ray)")
     download.add_argument("--no-progress", action="store_true", help="no progress line on stderr")
     download.set_defaults(handler=run_download)
     serve = commands.add_parser("serve", help="serve a folder over HTTP on 127.0.0.1 until Ctrl-C")

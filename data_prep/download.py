@@ -68,6 +68,7 @@ DEFAULT_PROCESSES = max(1, min(8, os.cpu_count() or 1))
 LOCAL_OBJECT_STORE_BYTES = 256 * 2**20
 # img2dataset imports albumentations, which asks the network for a newer version unless this is set.
 WORKER_ENV = {"NO_ALBUMENTATIONS_UPDATE": "1"}
+RAY_JOB_CONFIG_VARIABLE = "RAY_JOB_CONFIG_JSON_ENV_VAR"  # set by Ray in a job's driver
 PROCESS_LOCAL_PROTOCOLS = ("memory",)  # each Ray worker would see its own empty file system
 
 
@@ -257,6 +258,15 @@ class RayTiming:
     stop_seconds: float = 0.0
 
 
+def ray_job_env_vars() -> dict[str, str] | None:
+    """The environment variables of the Ray job this process is the driver of; None outside a job."""
+    config = os.environ.get(RAY_JOB_CONFIG_VARIABLE)
+    if config is None:
+        return None
+    runtime_env = json.loads(config).get("runtime_env") or {}
+    return dict(runtime_env.get("env_vars") or {})
+
+
 @contextlib.contextmanager
 def ray_session(address: str | None, processes: int) -> Iterator[RayTiming]:
     """Ray for the download: the one already initialised in this process, a running cluster at
@@ -269,9 +279,14 @@ def ray_session(address: str | None, processes: int) -> Iterator[RayTiming]:
         yield timing
         return
     start = time.perf_counter()
+    job_env = ray_job_env_vars()
+    if job_env is not None and not address:
+        address = "auto"  # a Ray job's driver: download on the cluster the job runs on
     try:
         if address:
-            ray.init(address=address, runtime_env={"env_vars": dict(WORKER_ENV)}, log_to_driver=True)
+            # Ray refuses a variable the job's runtime environment already sets, even to the same value.
+            env_vars = {key: value for key, value in WORKER_ENV.items() if key not in (job_env or {})}
+            ray.init(address=address, runtime_env={"env_vars": env_vars} if env_vars else None, log_to_driver=True)
         else:
             # The local Ray's workers inherit this environment. A runtime_env would do the same
             # but make Ray discard the workers it starts in advance and start new ones.

@@ -11,7 +11,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from data_prep.convert import convert_coco_karpathy, convert_refcoco, convert_vqa_v2
-from data_prep.synthetic_export import write_synthetic
+from data_prep.synthetic_export import SyntheticDataset, write_synthetic
+
+SHARD_SIZE = 64  # samples per task shard: a few shards even for small sets, so ranks share them
 
 
 @dataclass
@@ -24,12 +26,16 @@ class TaskShards:
 
 
 def write_task_shards(root: Path, scenes: int = 60, seed: int = 0, image_size: int = 64) -> TaskShards:
-    synthetic = write_synthetic(root / "synthetic", scenes, seed=seed, image_size=image_size)
+    return convert_task_shards(write_synthetic(root / "synthetic", scenes, seed=seed, image_size=image_size), root)
+
+
+def convert_task_shards(synthetic: SyntheticDataset, root: Path) -> TaskShards:
+    """Convert the annotation files of a written synthetic dataset into task shards under `root`."""
     images = synthetic.images_dir
-    convert_coco_karpathy(synthetic.karpathy_coco, root / "caption", images, shard_size=64)
+    convert_coco_karpathy(synthetic.karpathy_coco, root / "caption", images, shard_size=SHARD_SIZE)
     convert_vqa_v2([synthetic.vqa_questions("train2014"), synthetic.vqa_questions("val2014")], root / "vqa", images,
                    annotations=[synthetic.vqa_annotations("train2014"), synthetic.vqa_annotations("val2014")],
-                   shard_size=64)
+                   shard_size=SHARD_SIZE)
     convert_refcoco(synthetic.refcoco_refs, synthetic.refcoco_instances, root / "grounding", images,
-                    shard_size=64)
+                    shard_size=SHARD_SIZE)
     return TaskShards(root, root / "caption", root / "vqa", root / "grounding", synthetic.answer_list)

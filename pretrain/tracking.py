@@ -60,6 +60,7 @@ STAGES = ("pretrain", "finetune")
 END_STATUSES = ("FINISHED", "FAILED", "KILLED")
 MAX_PARAM_CHARS = 6000  # MLflow's limit for a param value (very old servers: 500)
 MAX_TAG_CHARS = 8000  # MLflow's limit for a tag value
+SQLITE_PREFIX = "sqlite:///"  # a SQLite store: the path follows (a fourth slash starts an absolute one)
 PACKAGE_ROOT = Path(__file__).resolve().parents[1]
 
 TAG_STAGE = "mplug.stage"
@@ -81,11 +82,22 @@ class TrackingOptions:
 
 
 def local_tracking_uri(output: Path) -> str:
-    return f"sqlite:///{output.resolve() / 'mlflow.db'}"
+    return f"{SQLITE_PREFIX}{output.resolve() / 'mlflow.db'}"
 
 
 def default_tracking_uri(output: Path) -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or local_tracking_uri(output)
+
+
+def sqlite_artifact_location(uri: str) -> str | None:
+    """`mlruns/` beside a SQLite store's file, where a new experiment keeps its artifacts.
+
+    MLflow would put them under ./mlruns of whichever working directory created the experiment;
+    a server or any other store decides for itself (None).
+    """
+    if not uri.startswith(SQLITE_PREFIX):
+        return None
+    return str(Path(uri[len(SQLITE_PREFIX):]).resolve().parent / "mlruns")
 
 
 def plain(value: Any) -> Any:
@@ -419,9 +431,7 @@ def _open_run(client: MlflowClient, output: Path, uri: str, experiment: str,
                     previous.tracking_uri)
     found = client.get_experiment_by_name(experiment)
     if found is None:
-        # MLflow would put a SQL store's artifacts under ./mlruns of the working directory.
-        location = str(output.resolve() / "mlruns") if uri == local_tracking_uri(output) else None
-        experiment_id = client.create_experiment(experiment, artifact_location=location)
+        experiment_id = client.create_experiment(experiment, artifact_location=sqlite_artifact_location(uri))
     elif found.lifecycle_stage != "active":
         raise TrackingError(f"MLflow experiment {experiment!r} at {uri} is deleted; restore it "
                             f"(`mlflow experiments restore --experiment-id {found.experiment_id}`) "
