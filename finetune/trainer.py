@@ -27,14 +27,13 @@ from data_prep.shard_source import read_shard, resolve_shards
 from finetune.init_source import InitSource
 from finetune.tasks.base import EvalContext, TaskModel
 from pretrain.config import to_dict
+from pretrain.init_package import TAG_INIT, TAG_PARENT
 from pretrain.trainer import RunOptions, Trainer
 
 log = logging.getLogger("mplug.finetune")
 
 METRICS_FILE = "metrics.json"
 TAG_TASK = "mplug.task"
-TAG_PARENT = "mplug.parent_run_id"
-TAG_INIT = "mplug.init_uri"
 EVAL_WORKERS = 1  # evaluation reads one split once; one reader process per rank keeps the order simple
 
 

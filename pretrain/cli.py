@@ -90,8 +90,14 @@ def register_pretrain(subparsers: argparse._SubParsersAction) -> None:
     pretrain.add_argument("--max-steps", type=int, help="optimizer steps (default: train.max_steps)")
     pretrain.add_argument("--nproc-per-node", type=int, help="start this many local ranks (torchrun)")
     pretrain.add_argument("--resume", help="'auto' (the newest complete checkpoint under --output, if any) or a path")
+    pretrain.add_argument("--init", metavar="PACKAGE",
+                          help="start from a local model package folder (`mplug import`, a pretraining's "
+                               "OUTPUT/package): its model config replaces the preset's model section (--set "
+                               "model.* still applies), its weights, momentum copies, ITC queue and tokenizer are "
+                               "used; ignored when --resume finds a checkpoint")
     pretrain.add_argument("--tokenizer", type=Path,
-                          help="tokenizer folder (default: model.text.tokenizer; make one with `mplug data tokenizer`)")
+                          help="tokenizer folder (default: the --init package's, else model.text.tokenizer; make "
+                               "one with `mplug data tokenizer`)")
     pretrain.add_argument("--peak-flops", type=float, help="the device's peak FLOP/s for MFU where it is not known")
     pretrain.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                           help="override a config value, e.g. --set train.zero_stage=3 (repeatable)")
@@ -105,8 +111,8 @@ def register_pretrain(subparsers: argparse._SubParsersAction) -> None:
 def forwarded_arguments(args: argparse.Namespace) -> list[str]:
     """The arguments each local rank gets: the same run, without --nproc-per-node."""
     argv = ["pretrain", "--config", args.config, "--data", args.data, "--output", str(args.output)]
-    for flag, value in (("--max-steps", args.max_steps), ("--resume", args.resume), ("--tokenizer", args.tokenizer),
-                        ("--peak-flops", args.peak_flops)):
+    for flag, value in (("--max-steps", args.max_steps), ("--resume", args.resume), ("--init", args.init),
+                        ("--tokenizer", args.tokenizer), ("--peak-flops", args.peak_flops)):
         if value is not None:
             argv += [flag, str(value)]
     for override in args.overrides:
@@ -115,7 +121,17 @@ def forwarded_arguments(args: argparse.Namespace) -> list[str]:
 
 
 def run_pretrain(args: argparse.Namespace) -> int:
-    config = load_config(args.config, args.overrides)
+    differences: list[str] = []  # the model values an --init package changes from the preset
+    if args.init is None:
+        config = load_config(args.config, args.overrides)
+    else:
+        from pretrain.init_package import InitError, check_init_folder, run_config
+
+        try:
+            config, differences = run_config(args.config, args.overrides, check_init_folder(args.init))
+        except InitError as exc:
+            print(f"mplug pretrain: {exc}", file=sys.stderr)
+            return 2
     if args.estimate_memory:
         from pretrain.memory_estimate import estimate_memory, format_memory_estimate
 
@@ -127,10 +143,10 @@ def run_pretrain(args: argparse.Namespace) -> int:
         from pretrain.launch import launch_local
 
         return launch_local(args.nproc_per_node, "pretrain.cli", forwarded_arguments(args))
-    return train_this_rank(args, config)
+    return train_this_rank(args, config, differences)
 
 
-def train_this_rank(args: argparse.Namespace, config) -> int:
+def train_this_rank(args: argparse.Namespace, config, differences: list[str]) -> int:
     from pretrain.config.tokens import with_tokenizer
     from pretrain.launch import (
         init_distributed,
@@ -140,9 +156,11 @@ def train_this_rank(args: argparse.Namespace, config) -> int:
 
     use_cpu_accelerator_without_gpu()
     from pretrain.models.weights import load_tokenizer
+    from pretrain.package import TOKENIZER_DIR
     from pretrain.trainer import RunOptions, Trainer
 
-    tokenizer_dir = args.tokenizer or config.model.text.tokenizer
+    package = Path(args.init) if args.init is not None else None  # checked by run_pretrain
+    tokenizer_dir = args.tokenizer or (package / TOKENIZER_DIR if package else config.model.text.tokenizer)
     if not tokenizer_dir:
         raise SystemExit("error: no tokenizer: give --tokenizer DIR or set model.text.tokenizer; "
                          "`mplug data tokenizer --shards SPEC --output DIR` trains one from the shards' captions")
@@ -153,7 +171,16 @@ def train_this_rank(args: argparse.Namespace, config) -> int:
     max_steps = config.train.max_steps if args.max_steps is None else args.max_steps  # 0: a package of the init
     options = RunOptions(data=args.data, output=args.output, max_steps=max_steps,
                          resume=args.resume, config_name=args.config, peak_flops=args.peak_flops)
-    return Trainer(config, options, place, tokenizer).run()
+    model = None
+    if package is not None:
+        from pretrain.init_package import InitError, starting_model
+
+        try:
+            model, options.tags = starting_model(args.init, config, output=args.output, resume=args.resume,
+                                                 preset=args.config, differences=differences, is_main=place.is_main)
+        except InitError as exc:
+            raise SystemExit(f"mplug pretrain: {exc}") from None
+    return Trainer(config, options, place, tokenizer, model=model).run()
 
 
 def run_import_part(args: argparse.Namespace) -> int:

@@ -18,7 +18,7 @@ import resource
 import signal
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +49,7 @@ class RunOptions:
     resume: str | None = None  # "auto", a checkpoint folder, or None for a fresh run
     config_name: str = ""
     peak_flops: float | None = None  # for MFU where the device is not in pretrain.flops' table
+    tags: dict[str, str] = field(default_factory=dict)  # extra MLflow tags, e.g. the --init package
 
 
 class StopRequest:
@@ -172,7 +173,7 @@ class Trainer:
 
     def tags(self) -> dict[str, str]:
         """Extra MLflow tags of the run."""
-        return {}
+        return dict(self.options.tags)
 
     def finish(self, tracker, package: Path | None) -> None:
         """After the last step and the final package (on every rank; `package` is None off rank 0)."""
