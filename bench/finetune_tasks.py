@@ -27,10 +27,9 @@ import time
 from pathlib import Path
 
 from data_prep.synthetic import vocabulary_texts
-from data_prep.synthetic_task_shards import write_task_shards
+from data_prep.synthetic_task_shards import TASK_DATA, write_task_shards
 from data_prep.tokenizer import train_wordpiece
 
-TASK_DATA = {"vqa": "vqa", "caption": "caption", "retrieval": "caption", "grounding": "grounding"}
 RESULTS = Path(__file__).parent / "results" / "finetune_tasks.json"
 
 
@@ -67,7 +66,7 @@ def main() -> None:
         row: dict = {"task": task}
         for name, init in inits.items():
             folder = out / f"{task}-{name}"
-            mplug("finetune", task, "--init", init, "--data", str(getattr(data, TASK_DATA[task])), "--output",
+            mplug("finetune", task, "--init", init, "--data", str(data.for_task(task)), "--output",
                   str(folder), "--preset", "tiny", "--no-register", store=store)
             metrics = json.loads((folder / "metrics.json").read_text())
             row.update(metric=metrics["metric"], baseline=metrics["baseline"], count=metrics["metrics"]["count"])

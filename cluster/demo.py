@@ -31,10 +31,9 @@ from typing import Any
 from data_prep.serve import LoopbackServer
 from data_prep.synthetic import vocabulary_texts
 from data_prep.synthetic_export import write_synthetic
-from data_prep.synthetic_task_shards import convert_task_shards
+from data_prep.synthetic_task_shards import TASK_DATA, convert_task_shards
 from pretrain.tracking import RUN_RECORD_NAME, local_tracking_uri
 
-TASK_DATA = {"vqa": "vqa", "caption": "caption", "retrieval": "caption", "grounding": "grounding"}
 MARKER = ".mplug-demo"  # marks a folder the demo wrote, so a rerun may clear it
 
 
@@ -170,7 +169,7 @@ def run_pipeline(output: Path, settings: DemoSettings, tracking_uri: str) -> dic
     tasks: dict[str, Any] = {}
     for task in settings.tasks:
         with progress.stage(f"finetune {task}", f"from runs:/{run_id}/model, then evaluate"):
-            data = getattr(task_shards, TASK_DATA[task])
+            data = task_shards.for_task(task)
             mplug(env, "finetune", task, "--init", f"runs:/{run_id}/model", "--data", str(data),
                   "--output", str(output / task), "--preset", settings.finetune_preset)
             metrics = json.loads((output / task / "metrics.json").read_text())

@@ -13,6 +13,7 @@ from pathlib import Path
 from data_prep.convert import convert_coco_karpathy, convert_refcoco, convert_vqa_v2
 from data_prep.synthetic_export import SyntheticDataset, write_synthetic
 
+TASK_DATA = {"vqa": "vqa", "caption": "caption", "retrieval": "caption", "grounding": "grounding"}  # task -> field
 SHARD_SIZE = 64  # samples per task shard: a few shards even for small sets, so ranks share them
 
 
@@ -23,6 +24,12 @@ class TaskShards:
     vqa: Path  # vqa_v2 output: train/ val/
     grounding: Path  # refcoco output: train/ val/ testA/ testB/ ...
     answer_list: Path
+
+    def for_task(self, task: str) -> Path:
+        """The shards a fine-tuning task reads (retrieval reads the caption data)."""
+        if task not in TASK_DATA:
+            raise ValueError(f"no synthetic shards for task {task!r}; known tasks: {', '.join(TASK_DATA)}")
+        return getattr(self, TASK_DATA[task])
 
 
 def write_task_shards(root: Path, scenes: int = 60, seed: int = 0, image_size: int = 64) -> TaskShards:

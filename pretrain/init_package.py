@@ -31,7 +31,7 @@ from pretrain.config.typed import apply_overrides
 from pretrain.models.mplug import MPLUG
 from pretrain.models.weights import preview, sync_momentum
 from pretrain.objectives.itc import FeatureQueue
-from pretrain.objectives.pretraining import MPLUGPretraining
+from pretrain.objectives.pretraining import MPLUGPretraining, needs_momentum
 from pretrain.package import (
     CONFIG_FILE,
     MOMENTUM_PREFIX,
@@ -153,11 +153,6 @@ def starting_model(source: str, config: Config, *, output: Path, resume: str | N
                         package, checkpoint)
         return fresh_pretraining(config), {}
     return pretraining_from_package(package, config), init_tags(source, package)
-
-
-def needs_momentum(config: Config) -> bool:
-    """Whether MPLUGPretraining wants the momentum copies (ITC and distillation use them)."""
-    return config.objectives.itc or config.objectives.distill
 
 
 def fresh_pretraining(config: Config) -> MPLUGPretraining:

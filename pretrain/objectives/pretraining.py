@@ -31,6 +31,11 @@ class PretrainOutput:
     alpha: float = 0.0
 
 
+def needs_momentum(config: Config) -> bool:
+    """Whether the objectives use the momentum copies (ITC's and distillation's targets)."""
+    return config.objectives.itc or config.objectives.distill
+
+
 class MPLUGPretraining(nn.Module):
     def __init__(self, config: Config, model: MPLUG | None = None):
         super().__init__()
@@ -38,9 +43,9 @@ class MPLUGPretraining(nn.Module):
         self.objectives = config.objectives
         if not any(getattr(self.objectives, name) for name in OBJECTIVES):
             raise ValueError(f"every pretraining objective is switched off; enable one of {', '.join(OBJECTIVES)}")
-        needs_momentum = self.objectives.distill or self.objectives.itc
-        self.model = model if model is not None else build_mplug(config.model, momentum=needs_momentum)
-        if needs_momentum and self.model.momentum is None:
+        momentum = needs_momentum(config)
+        self.model = model if model is not None else build_mplug(config.model, momentum=momentum)
+        if momentum and self.model.momentum is None:
             raise ValueError("ITC and distillation need the momentum copies; build MPLUG with momentum=True")
         self.queue = FeatureQueue(config.model.embed_dim, config.model.queue_size)
 
