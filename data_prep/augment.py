@@ -3,9 +3,10 @@
 Training: RandomResizedCrop (bicubic; scale 0.2-1.0 for pretraining, 0.5-1.0 for fine-tuning),
 horizontal flip, RandAugment(2, 7). Evaluation: a plain bicubic resize to the square input.
 
-Images stay uint8 (3, H, W) here; CLIP normalisation is `data_prep.batch.normalize`, meant to run
-on the accelerator on the collated batch (a quarter of the bytes to move, and no float work in
-the dataloader workers).
+Images stay uint8 (3, H, W) here, and a video clip (T, 3, H, W) is augmented as one image: one
+crop box, one flip and one RandAugment draw for all its frames, so the motion between frames is
+kept. CLIP normalisation is `data_prep.batch.normalize`, meant to run on the accelerator on the
+collated batch (a quarter of the bytes to move, and no float work in the dataloader workers).
 
 A flip mirrors the scene, so it also swaps the words "left" and "right" in the texts that go with
 the image and mirrors boxes; otherwise a caption such as "a red circle left of a blue square"
@@ -74,7 +75,7 @@ def mirror_texts(value):
 
 @dataclass
 class Augmented:
-    image: torch.Tensor  # (3, S, S) uint8
+    image: torch.Tensor  # (3, S, S) uint8, or (T, 3, S, S) for a clip
     flipped: bool
     box: list[float] | None  # [x, y, w, h] in output pixels, when a box was given
 
@@ -104,7 +105,7 @@ def crop_params(rng: random.Random, height: int, width: int, scale: tuple[float,
 
 
 class ImageAugment:
-    """Callable: (uint8 image (3, H, W), optional box [x, y, w, h]) -> `Augmented`.
+    """Callable: (uint8 image (3, H, W) or clip (T, 3, H, W), optional box [x, y, w, h]) -> `Augmented`.
 
     Crop boxes and flips come from `rng` (seeded per loader reader); RandAugment draws from torch's
     generator, which the dataloader seeds per worker.
@@ -123,20 +124,22 @@ class ImageAugment:
         height, width = image.shape[-2:]
         if config.train and config.crop:
             top, left, crop_h, crop_w = crop_params(self.rng, height, width, config.scale)
-            image = image[:, top : top + crop_h, left : left + crop_w]
+            image = image[..., top : top + crop_h, left : left + crop_w]
         flipped = config.train and config.flip and self.rng.random() < 0.5
         if flipped:
-            image = image.flip(-1)  # cheapest here, on the plain (3, h, w) crop
-        # uint8 bicubic with antialias has a fast kernel for channels-last memory: (1, 3, H, W) with
+            image = image.flip(-1)  # cheapest here, on the plain (..., 3, h, w) crop
+        # uint8 bicubic with antialias has a fast kernel for channels-last memory: (N, 3, H, W) with
         # NHWC strides. Decoders already give (3, H, W) views of HWC data, so this rarely copies.
-        image = image.permute(1, 2, 0).contiguous().unsqueeze(0).permute(0, 3, 1, 2)
-        image = nn.functional.interpolate(image, size=(size, size), mode="bicubic", antialias=True)
+        clip = image.dim() == 4  # (T, 3, H, W): the frames are the batch of one interpolate
+        frames = image if clip else image.unsqueeze(0)
+        frames = frames.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2)
+        frames = nn.functional.interpolate(frames, size=(size, size), mode="bicubic", antialias=True)
         if box is not None:
             x, y, w, h = box
             box = [x * size / width, y * size / height, w * size / width, h * size / height]
             if flipped:
                 box = [size - box[0] - box[2], box[1], box[2], box[3]]
-        image = image[0]  # (3, S, S), channels-last strides; stacking makes the batch contiguous
+        image = frames if clip else frames[0]  # (3, S, S) or (T, 3, S, S), channels-last strides
         if config.train and config.randaugment:
-            image = self.randaugment(image)
+            image = self.randaugment(image)  # one draw of ops and magnitudes for every frame of a clip
         return Augmented(image=image, flipped=flipped, box=box)

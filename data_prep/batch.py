@@ -22,9 +22,12 @@ def image_tensor(image: Image.Image, size: int) -> torch.Tensor:
 
 
 def normalize(images: torch.Tensor) -> torch.Tensor:
-    """uint8 images (B, 3, H, W) from the loader -> float, CLIP mean/std normalised, on their device."""
-    mean = torch.tensor(CLIP_MEAN, device=images.device).view(1, 3, 1, 1)
-    std = torch.tensor(CLIP_STD, device=images.device).view(1, 3, 1, 1)
+    """uint8 images (B, 3, H, W) or clips (B, T, 3, H, W) from the loader -> float, CLIP mean/std
+    normalised, on their device."""
+    if images.dim() not in (4, 5) or images.shape[-3] != 3:
+        raise ValueError(f"expected images (B, 3, H, W) or clips (B, T, 3, H, W); got shape {tuple(images.shape)}")
+    mean = torch.tensor(CLIP_MEAN, device=images.device).view(3, 1, 1)  # broadcasts over (B,) or (B, T)
+    std = torch.tensor(CLIP_STD, device=images.device).view(3, 1, 1)
     return (images.float() / 255.0 - mean) / std
 
 

@@ -209,30 +209,39 @@ def inspect_url_list(options: DownloadOptions) -> UrlList:
     return UrlList(input_format, files, rows)
 
 
-def prepare_output(options: DownloadOptions) -> None:
-    """Check the output folder and remove the derived JSON files img2dataset would trip over."""
-    fs, root = fsspec.core.url_to_fs(options.output)
+def check_output_folder(output: str, shard_size: int, unit: str = "samples"):
+    """(fs, root) of a download's output: a folder every Ray worker can write, holding shards of
+    `shard_size` `unit` if an earlier run wrote any."""
+    fs, root = fsspec.core.url_to_fs(output)
     protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
     if protocol in PROCESS_LOCAL_PROTOCOLS:
         raise DownloadInputError(
-            f"output {options.output} lives in this process's memory, which Ray workers cannot "
+            f"output {output} lives in this process's memory, which Ray workers cannot "
             "write to; give a local path or a shared fsspec URL (file://, s3://, gs://)"
         )
     if fs.exists(root) and not fs.isdir(root):
-        raise DownloadInputError(f"output {options.output} is a file; give a folder for the shards")
+        raise DownloadInputError(f"output {output} is a file; give a folder for the shards")
     if not fs.exists(root):
-        return
+        return fs, root
     fs.invalidate_cache()
     previous = f"{root.rstrip('/')}/{SUMMARY_NAME}"
     if fs.exists(previous):
         with fs.open(previous, "r") as handle:
-            shard_size = json.load(handle).get("shard_size")
-        if shard_size not in (None, options.shard_size):
+            previous_size = json.load(handle).get("shard_size")
+        if previous_size not in (None, shard_size):
             raise DownloadInputError(
-                f"{options.output} holds shards of {shard_size} samples, but the shard size is now "
-                f"{options.shard_size}: the shards would not line up with the URL list; pass "
-                f"--shard-size {shard_size} or download into a new folder"
+                f"{output} holds shards of {previous_size} {unit}, but the shard size is now "
+                f"{shard_size}: the shards would not line up with the URL list; pass "
+                f"--shard-size {previous_size} or download into a new folder"
             )
+    return fs, root
+
+
+def prepare_output(options: DownloadOptions) -> None:
+    """Check the output folder and remove the derived JSON files img2dataset would trip over."""
+    fs, root = check_output_folder(options.output, options.shard_size)
+    if not fs.exists(root):
+        return
     found = {path.rsplit("/", 1)[-1]: path for path in fs.glob(f"{root.rstrip('/')}/*.json")}
     for name in found:
         if name not in DERIVED_FILES and shard_id(name) is None:

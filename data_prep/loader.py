@@ -4,6 +4,7 @@
                          tokenizer=tokenizer, rank=rank, world_size=world_size)
     for batch in loader:          # {"images": uint8 (B, 3, S, S), "input_ids", "attention_mask",
         ...                       #  "texts", "meta", "keys", "image_ids"}
+    LoaderConfig(..., frames=16)  # video samples: "images" uint8 (B, 16, 3, S, S)
     state = loader.state_dict()   # saved with a checkpoint; ShardLoader(..., state=state) resumes
 
 Each dataloader worker of each rank is one reader (`shard_stream.py`): resampled endless streams
@@ -12,6 +13,11 @@ a shuffle buffer over the raw samples, decoding, augmentation (`augment.py`), ba
 tokenisation, all inside the worker. A corrupt sample or a damaged shard is skipped, counted
 (`loader.stats`) and logged, never a crash. Images stay uint8: `data_prep.batch.normalize`
 finishes them on the device.
+
+With `frames` N > 0 the samples are videos (`KEY.mp4|avi|webm|mkv|mov`, or frames stored as
+`KEY.000.jpg`, `KEY.001.jpg`, ...): N frames sampled by segments (`frame_sampling.py`; random
+within each segment unless `augment="eval"`, then the middle ones) and augmented as one image,
+one crop, flip and RandAugment draw for the whole clip (`augment.py`).
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ from data_prep.batch import tokenize
 from data_prep.image_decode import decode_rgb
 from data_prep.mixture import Source, load_sources
 from data_prep.shard_stream import MODES, ShardStream, StreamPosition, reader_seed
+from data_prep.video_decode import decode_clip
 
 log = logging.getLogger("mplug.data")
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
@@ -56,16 +63,17 @@ class LoaderConfig:
     pad_to_max: bool = False  # pad every batch to max_text_length (same shapes on every rank)
     text_field: str = "txt"  # the shard's caption, or a key of KEY.json such as "question"
     box_field: str | None = None  # a KEY.json key with [x, y, w, h] carried through resize and flip
+    frames: int = 0  # 0: image samples; N > 0: video samples, N frames a clip -> images (B, N, 3, S, S)
 
     def __post_init__(self):
         if self.mode not in MODES:
             raise ValueError(f"loader mode {self.mode!r} is not one of {MODES}")
         if self.augment not in PRESETS:
             raise ValueError(f"augment {self.augment!r} is not one of {sorted(PRESETS)}")
-        if self.batch_size < 1 or self.workers < 0 or self.shuffle_buffer < 0:
+        if self.batch_size < 1 or self.workers < 0 or self.shuffle_buffer < 0 or self.frames < 0:
             raise ValueError(
-                f"batch_size must be >= 1, workers and shuffle_buffer >= 0; got {self.batch_size}, "
-                f"{self.workers}, {self.shuffle_buffer}"
+                f"batch_size must be >= 1, workers, shuffle_buffer and frames >= 0; got {self.batch_size}, "
+                f"{self.workers}, {self.shuffle_buffer}, {self.frames}"
             )
 
     def augment_config(self) -> AugmentConfig:
@@ -155,10 +163,7 @@ class Reader:
         self.augment.rng.seed(self.augment_seed + self.decoded)
         self.decoded += 1
         try:
-            extension = next((ext for ext in IMAGE_EXTENSIONS if ext in raw), None)
-            if extension is None:
-                raise ValueError(f"no image file ({', '.join(IMAGE_EXTENSIONS)}) among {sorted(raw)}")
-            image = decode_rgb(raw[extension])  # (3, H, W) uint8
+            image = self.read_pixels(raw)  # (3, H, W) or (T, 3, H, W) uint8
             meta = json.loads(raw["json"]) if "json" in raw else {}
             caption = raw["txt"].decode("utf-8") if "txt" in raw else ""
             text = caption if self.config.text_field == "txt" else meta[self.config.text_field]
@@ -173,15 +178,27 @@ class Reader:
             meta = {**meta, self.config.box_field: out.box}
         return {"image": out.image, "text": str(text), "meta": meta, "key": key}
 
+    def read_pixels(self, raw: dict[str, Any]) -> torch.Tensor:
+        """The sample's image (3, H, W), or with `frames` set its clip (T, 3, H, W); raises when unreadable."""
+        if self.config.frames:
+            # The frames are drawn from the augmentation's generator, seeded per sample: a resumed run
+            # samples the same frames as the uninterrupted one would have.
+            return decode_clip(raw, self.config.frames, train=self.config.augment != "eval", rng=self.augment.rng)
+        extension = next((ext for ext in IMAGE_EXTENSIONS if ext in raw), None)
+        if extension is None:
+            raise ValueError(f"no image file ({', '.join(IMAGE_EXTENSIONS)}) among {sorted(raw)}")
+        return decode_rgb(raw[extension])
+
     def collate(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
         texts = [example["text"] for example in examples]
         meta = [example["meta"] for example in examples]
         size = self.config.image_size
-        images = torch.empty(len(examples), size, size, 3, dtype=torch.uint8)  # (B, S, S, 3)
+        frames = (self.config.frames,) if self.config.frames else ()
+        images = torch.empty(len(examples), *frames, size, size, 3, dtype=torch.uint8)  # (B, [T,] S, S, 3)
         for row, example in enumerate(examples):
-            images[row].copy_(example["image"].permute(1, 2, 0))  # each image is channels-last: a plain copy
+            images[row].copy_(example["image"].movedim(-3, -1))  # each image is channels-last: a plain copy
         batch = {
-            "images": images.permute(0, 3, 1, 2),  # (B, 3, S, S) uint8, channels-last memory
+            "images": images.movedim(-1, -3),  # (B, [T,] 3, S, S) uint8, channels-last memory
             "texts": texts,
             "meta": meta,
             "keys": [example["key"] for example in examples],

@@ -15,7 +15,8 @@ import fsspec
 import webdataset as wds
 
 SHARD_PATTERN = "{:05d}.tar"
-MEDIA_EXTENSIONS = ("jpg", "png", "mp4", "webm", "avi")
+VIDEO_EXTENSIONS = ("mp4", "avi", "webm", "mkv", "mov")  # the containers video shards may hold
+MEDIA_EXTENSIONS = ("jpg", "png", *VIDEO_EXTENSIONS)
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""`mplug finetune TASK` (train and evaluate a downstream task) and `mplug predict` (one image)."""
+"""`mplug finetune TASK` (train and evaluate a downstream task) and `mplug predict` (one image or video)."""
 
 from __future__ import annotations
 
@@ -31,13 +31,21 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     finetune.add_argument("--no-register", action="store_true", help="do not register the model in MLflow")
     finetune.set_defaults(handler=run_finetune)
 
-    predict = subparsers.add_parser("predict", help="one image in: an answer, a caption or a box out")
+    predict = subparsers.add_parser(
+        "predict", help="one image or video in: an answer, a caption, a box, scored texts or action classes out",
+        description="The package's task decides what it needs: an image model takes --image, a video model "
+                    "(video_qa, video_caption, video_retrieval, action_classification) takes --video.")
     predict.add_argument("--model", required=True, help="a fine-tuned package folder, runs:/... or models:/...")
-    predict.add_argument("--image", required=True, type=Path)
+    media = predict.add_mutually_exclusive_group(required=True)
+    media.add_argument("--image", type=Path, help="an image file (JPEG, PNG, WebP)")
+    media.add_argument("--video", type=Path, help="a video file (mp4, webm, avi, mkv, mov)")
     what = predict.add_mutually_exclusive_group(required=True)
-    what.add_argument("--question", help="VQA: the question to answer")
-    what.add_argument("--task", choices=("caption",), help="caption the image")
+    what.add_argument("--question", help="vqa / video_qa: the question to answer")
+    what.add_argument("--task", choices=("caption", "classify"),
+                      help="caption: caption the image or video; classify: the top-5 action classes of the video")
     what.add_argument("--expression", help="grounding: the referring expression to find")
+    what.add_argument("--text", action="append", metavar="TEXT",
+                      help="retrieval / video_retrieval: a candidate text to score (repeat for several)")
     predict.add_argument("--output", type=Path, help="where to put the image with the box drawn (grounding)")
     predict.set_defaults(handler=run_predict)
 

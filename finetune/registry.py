@@ -12,6 +12,10 @@ TASKS = {
     "caption": "finetune.tasks.caption:CaptionTask",
     "retrieval": "finetune.tasks.retrieval:RetrievalTask",
     "grounding": "finetune.tasks.grounding:GroundingTask",
+    "video_qa": "finetune.tasks.video_qa:VideoQATask",
+    "video_caption": "finetune.tasks.video_caption:VideoCaptionTask",
+    "video_retrieval": "finetune.tasks.video_retrieval:VideoRetrievalTask",
+    "action_classification": "finetune.tasks.action_classification:ActionClassificationTask",
 }
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import sys
 from pathlib import Path
@@ -74,6 +75,10 @@ def finetune_this_rank(args: argparse.Namespace) -> int:
     global_batch = config.train.batch_size * config.train.grad_accumulation * place.world_size
     max_steps = 0 if args.eval_only else (
         args.max_steps or steps_for_epochs(args.data, finetune.train_split, finetune.epochs, global_batch))
+    if max_steps > 0:  # the warmup-cosine schedule spans this run's steps, not the preset's train.max_steps
+        train = config.train
+        config = dataclasses.replace(config, train=dataclasses.replace(
+            train, max_steps=max_steps, warmup_steps=min(train.warmup_steps, max_steps)))
     options = FinetuneOptions(
         data=args.data, output=args.output, max_steps=max_steps, resume=args.resume,
         config_name=f"{task_cls.name}/{args.preset or task_cls.name}", task_config=finetune, init=init,

@@ -3,6 +3,8 @@
 Everything of the pretraining run carries over (DeepSpeed engine, launchers, checkpoints with
 exact resume, preemption, non-finite skipping, model packages, MLflow); this adds:
 - the task's training loader over DATA/<train_split> and its forward;
+- video tasks (`task.video`) read clips of `data.frames` frames; a task's own trained modules
+  and what the task read from the data ship in the package as side files (`task.package_files`);
 - after the last step, the evaluation over DATA/<eval_split> sharded over ranks, logged to MLflow
   as `eval/<metric>` and written to OUTPUT/metrics.json;
 - lineage: the run is tagged with the init source and its parent (pretraining) run, and the model
@@ -90,6 +92,12 @@ class FinetuneTrainer(Trainer):
     stage = "finetune"
 
     def __init__(self, config, options: FinetuneOptions, place, tokenizer, task: TaskModel):
+        # Before the engine exists: what the task reads from the data (class names) can shape its modules,
+        # and a fine-tuned init of the same task brings its own (an action head) back.
+        task.prepare_data(Path(options.data), options.task_config.train_split)
+        if options.init is not None and task.continue_from(options.init.directory):
+            log.info("continuing the fine-tuned %s model %s, with what its package adds to the model", task.name,
+                     options.init.uri)
         super().__init__(config, options, place, tokenizer, model=task)
         self.task = task
         if getattr(task.settings, "scst", False) and options.max_steps > 0:
@@ -105,6 +113,7 @@ class FinetuneTrainer(Trainer):
             "mode": "resampled" if train else "epoch", "randaugment": data.randaugment if train else False,
             "workers": data.workers if train else EVAL_WORKERS, "shuffle_buffer": data.shuffle_buffer if train else 0,
             "seed": train_cfg.seed, "max_text_length": data.max_text_length, "pad_to_max": True,
+            "frames": data.frames if self.task.video else 0,
         }
         return LoaderConfig(**{**settings, **fields})  # the task's fields win (a box task turns RandAugment off)
 
@@ -127,6 +136,10 @@ class FinetuneTrainer(Trainer):
 
     def package_extra(self) -> dict[str, Any]:
         return {"task": self.task.name, "task_settings": to_dict(self.task.settings)}
+
+    def package_files(self, state: dict[str, torch.Tensor]) -> dict[str, bytes]:
+        """The task's side files (`TaskModel.package_files`), written into the same atomic package."""
+        return self.task.package_files(state)
 
     def eval_batches(self) -> Iterator[dict[str, Any]]:
         split = split_folder(self.options.data, self.options.task_config.eval_split)

@@ -86,6 +86,8 @@ def register_pretrain(subparsers: argparse._SubParsersAction) -> None:
     )
     pretrain.add_argument("--config", required=True, help=f"a preset ({', '.join(preset_names())}) or a YAML file")
     pretrain.add_argument("--data", help="shards: a manifest, folder, glob or brace pattern, or a mixture YAML")
+    pretrain.add_argument("--video-data", help="video shards (same forms as --data): every step also trains on a "
+                               "batch of clips (mPLUG-2 configs; data.frames frames per clip)")
     pretrain.add_argument("--output", type=Path, help="checkpoints, model package, MLflow store (when local)")
     pretrain.add_argument("--max-steps", type=int, help="optimizer steps (default: train.max_steps)")
     pretrain.add_argument("--nproc-per-node", type=int, help="start this many local ranks (torchrun)")
@@ -111,7 +113,8 @@ def register_pretrain(subparsers: argparse._SubParsersAction) -> None:
 def forwarded_arguments(args: argparse.Namespace) -> list[str]:
     """The arguments each local rank gets: the same run, without --nproc-per-node."""
     argv = ["pretrain", "--config", args.config, "--data", args.data, "--output", str(args.output)]
-    for flag, value in (("--max-steps", args.max_steps), ("--resume", args.resume), ("--init", args.init),
+    for flag, value in (("--video-data", args.video_data), ("--max-steps", args.max_steps),
+                        ("--resume", args.resume), ("--init", args.init),
                         ("--tokenizer", args.tokenizer), ("--peak-flops", args.peak_flops)):
         if value is not None:
             argv += [flag, str(value)]
@@ -139,6 +142,11 @@ def run_pretrain(args: argparse.Namespace) -> int:
         return 0
     if not args.data or not args.output:
         raise SystemExit("error: mplug pretrain needs --data and --output (or --estimate-memory)")
+    if args.video_data and not config.model.video.temporal:
+        print(f"mplug pretrain: --video-data needs a video model, but {args.config} has no temporal modules "
+              "(model.video.temporal is false); use an mPLUG-2 config (mplug2_tiny, mplug2_base, mplug2_large)",
+              file=sys.stderr)
+        return 2
     if args.nproc_per_node:
         from pretrain.launch import launch_local
 
@@ -169,8 +177,8 @@ def train_this_rank(args: argparse.Namespace, config, differences: list[str]) ->
     place = place_from_environment()
     init_distributed(place)
     max_steps = config.train.max_steps if args.max_steps is None else args.max_steps  # 0: a package of the init
-    options = RunOptions(data=args.data, output=args.output, max_steps=max_steps,
-                         resume=args.resume, config_name=args.config, peak_flops=args.peak_flops)
+    options = RunOptions(data=args.data, output=args.output, max_steps=max_steps, resume=args.resume,
+                         config_name=args.config, peak_flops=args.peak_flops, video_data=args.video_data)
     model = None
     if package is not None:
         from pretrain.init_package import InitError, starting_model

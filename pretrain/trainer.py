@@ -1,7 +1,8 @@
 """The pretraining loop: DeepSpeed engine, shard loader, checkpoints, model packages, MLflow.
 
 One process per rank runs `Trainer(...).run()`. A step is `grad_accumulation` micro-batches and
-one optimizer step, then the EMA update. Around it:
+one optimizer step, then the EMA update. With `video_data` (mPLUG-2), every micro-batch is one
+image batch and one video batch, each from its own resumable loader. Around it:
 - a non-finite loss on any rank skips that micro-batch on every rank and is counted; after
   `max_nonfinite` in a row the run checkpoints and stops, saying so;
 - SIGTERM or SIGUSR1 (preemption) sets a flag the ranks agree on after the step: they
@@ -50,6 +51,7 @@ class RunOptions:
     config_name: str = ""
     peak_flops: float | None = None  # for MFU where the device is not in pretrain.flops' table
     tags: dict[str, str] = field(default_factory=dict)  # extra MLflow tags, e.g. the --init package
+    video_data: str | list[str] | None = None  # video shards: every step also draws a batch of clips
 
 
 class StopRequest:
@@ -111,6 +113,7 @@ class Trainer:
         self.peak_flops = peak
         self.run_id: str | None = None  # the MLflow run, once tracking started (rank 0)
         self.loss_names: list[str] = []
+        self.videos: ShardLoader | None = None  # the video loader of an image + video run
 
     # -- state ---------------------------------------------------------------------------------
 
@@ -125,6 +128,8 @@ class Trainer:
 
     def checkpoint(self, loader: ShardLoader) -> Path:
         state = {"loader": loader.state_dict(), "nonfinite_total": self.nonfinite_total}
+        if self.videos is not None:
+            state["video_loader"] = self.videos.state_dict()
         path = save_checkpoint(self.engine, self.options.output, self.step, self.place.rank, self.place.world_size,
                                state, self.config.train.keep_checkpoints)
         if self.place.is_main:
@@ -143,11 +148,15 @@ class Trainer:
         model_state = {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")}
         folder = self.options.output / PACKAGE
         export_state_dict(folder, model_state, self.config, self.tokenizer, step=self.step, run_id=self.run_id,
-                          extra=self.package_extra())
+                          extra=self.package_extra(), files=self.package_files(state))
         return folder
 
     def package_extra(self) -> dict[str, Any]:
         """What the package's package.json records beside the weights (fine-tuning adds its task)."""
+        return {}
+
+    def package_files(self, state: dict[str, torch.Tensor]) -> dict[str, bytes]:
+        """Files written beside the weights, by name, from the whole module's state (a task's head)."""
         return {}
 
     # -- the loop ------------------------------------------------------------------------------
@@ -163,13 +172,42 @@ class Trainer:
         return ShardLoader(self.options.data, loader_config, tokenizer=self.tokenizer, rank=self.place.rank,
                            world_size=self.place.world_size, state=state)
 
+    def video_loader(self, state: dict[str, Any] | None) -> ShardLoader | None:
+        """The clips of an image + video run (None without `video_data`): `data.frames` frames per clip."""
+        if self.options.video_data is None:
+            return None
+        data, train = self.config.data, self.config.train
+        loader_config = LoaderConfig(
+            batch_size=data.video_batch_size or train.batch_size, image_size=self.config.model.vision.image_size,
+            mode="resampled", augment="pretrain", randaugment=data.randaugment, workers=data.workers,
+            shuffle_buffer=data.shuffle_buffer, seed=train.seed, max_text_length=data.max_text_length,
+            pad_to_max=True, frames=data.frames,
+        )
+        return ShardLoader(self.options.video_data, loader_config, tokenizer=self.tokenizer, rank=self.place.rank,
+                           world_size=self.place.world_size, state=state)
+
+    def pairs_on_device(self, batch: dict[str, Any]) -> dict[str, Any]:
+        """A loader batch's pixels (normalised, compute dtype), token ids, mask and image ids on the device."""
+        out = {"images": normalize(batch["images"].to(self.device)).to(self.dtype),
+               "input_ids": batch["input_ids"].to(self.device), "attention_mask": batch["attention_mask"].to(self.device)}
+        if batch.get("image_ids") is not None:
+            out["image_ids"] = batch["image_ids"].to(self.device)
+        return out
+
     def forward(self, batch: dict[str, Any], micro: int):
         """One micro-batch through the engine; the result has `loss` and the named `losses`."""
-        images = normalize(batch["images"].to(self.device)).to(self.dtype)
-        ids, mask = batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device)
-        image_ids = batch.get("image_ids")
-        return self.engine(images, ids, mask, image_ids=None if image_ids is None else image_ids.to(self.device),
-                           step=self.step, micro=micro)
+        pairs = self.pairs_on_device(batch)
+        video = self.pairs_on_device(batch["video"]) if "video" in batch else None
+        return self.engine(pairs["images"], pairs["input_ids"], pairs["attention_mask"],
+                           image_ids=pairs.get("image_ids"), step=self.step, micro=micro, video=video)
+
+    def samples_per_step(self) -> int:
+        """Pairs of one optimizer step over all ranks: images, plus clips in an image + video run."""
+        config = self.config
+        per_micro = config.train.batch_size
+        if self.videos is not None:
+            per_micro += config.data.video_batch_size or config.train.batch_size
+        return per_micro * config.train.grad_accumulation * self.place.world_size
 
     def tags(self) -> dict[str, str]:
         """Extra MLflow tags of the run."""
@@ -198,6 +236,8 @@ class Trainer:
         options.output.mkdir(parents=True, exist_ok=True)
         rank_state = self.resume()
         loader = self.loader(rank_state.get("loader"))
+        self.videos = self.video_loader(rank_state.get("video_loader"))
+        clips = iter(self.videos) if self.videos is not None else None
         stop = StopRequest()
         tracker = Tracker.start(options.output, to_dict(config), config_name=options.config_name or config.name,
                                 stage=self.stage, tags=self.tags(), rank=place.rank)
@@ -210,11 +250,15 @@ class Trainer:
                 values, tokens, skipped = {}, 0, False
                 for index in range(config.train.grad_accumulation):
                     batch = next(batches)
+                    if clips is not None:
+                        batch["video"] = next(clips)
                     micro, finite = self.micro_step(batch, index)
                     if not finite:
                         skipped = True
                         break
                     tokens += int(batch["attention_mask"].sum())
+                    if clips is not None:
+                        tokens += int(batch["video"]["attention_mask"].sum())
                     for name, value in micro.items():
                         values[name] = values.get(name, 0.0) + value / config.train.grad_accumulation
                 if skipped:
@@ -232,7 +276,7 @@ class Trainer:
                 self.nonfinite_in_row = 0
                 momentum_update(self.model, config.train.zero_stage)
                 self.step += 1
-                window_samples += config.train.batch_size * config.train.grad_accumulation * place.world_size
+                window_samples += self.samples_per_step()
                 window_tokens += tokens
                 if self.step % config.train.log_every == 0 or self.step == options.max_steps:
                     self.report(tracker, values, window_samples, window_tokens, time.perf_counter() - window_start,
@@ -279,7 +323,7 @@ class Trainer:
         grad_norm = self.engine.get_global_grad_norm()
         if grad_norm is not None:
             metrics["grad_norm"] = float(grad_norm)
-        if self.peak_flops:
+        if self.peak_flops and self.videos is None:  # the FLOP count is of image-text pairs only
             text_tokens = self.config.data.max_text_length
             per_rank = samples_per_s / self.place.world_size
             metrics["mfu"] = flops_per_sample(self.config, text_tokens=text_tokens).mfu(per_rank, self.peak_flops)

@@ -49,6 +49,23 @@ def task_shards(tmp_path_factory):
     return write_task_shards(tmp_path_factory.mktemp("task-shards"))
 
 
+@pytest.fixture(scope="session")
+def video_task_shards(tmp_path_factory):
+    """Moving-shape clips as video_qa, video_caption (= video_retrieval) and action_classification
+    shards (data_prep.synthetic_video): 96 train clips, 30 val, 30 test; 8 frames of 64 px."""
+    from data_prep.synthetic_video import write_video_task_shards
+
+    return write_video_task_shards(tmp_path_factory.mktemp("video-task-shards"))
+
+
+@pytest.fixture(scope="session")
+def video_pretrain_shards(tmp_path_factory):
+    """64 moving-shape clips with captions as pretraining shards (KEY.mp4, KEY.txt, KEY.json with image_id)."""
+    from data_prep.synthetic_video import write_video_pretrain_shards
+
+    return write_video_pretrain_shards(tmp_path_factory.mktemp("video-pretrain-shards"), 64)
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     """A real `mlflow server` on loopback (see mlflow_server.py), stopped after the module."""

@@ -2,7 +2,8 @@
 
 Each converter reads one dataset family's released files and writes `OUTPUT/<split>/*.tar`
 (`KEY.jpg|mp4`, `KEY.txt`, `KEY.json` with the task fields), a manifest per split,
-`OUTPUT/splits.json` and `OUTPUT/report.json` (see `common.py`). `CONVERTERS` maps each FORMAT
+`OUTPUT/splits.json` and `OUTPUT/report.json` (see `common.py`); `webvid` writes URL lists for
+`mplug data download-videos` instead of shards. `CONVERTERS` maps each FORMAT
 name of `mplug data convert FORMAT` to its function and the file options it takes; every function
 returns a `ConvertReport`.
 
@@ -23,15 +24,18 @@ from data_prep.convert.report import ConversionError, ConvertReport, InputError,
 from data_prep.convert.video import (
     convert_msrvtt_caption,
     convert_msrvtt_qa,
+    convert_msrvtt_retrieval,
     convert_msvd_caption,
     convert_msvd_qa,
 )
 from data_prep.convert.vqa import DEFAULT_IMAGE_PATTERN, DEFAULT_VG_IMAGE_PATTERN, convert_vqa_v2
+from data_prep.convert.webvid import convert_webvid
 
 __all__ = [
     "CONVERTERS", "ConversionError", "ConvertReport", "Converter", "InputError", "Option", "Problem",
     "convert_coco_karpathy", "convert_flickr30k", "convert_karpathy", "convert_msrvtt_caption",
-    "convert_msrvtt_qa", "convert_msvd_caption", "convert_msvd_qa", "convert_refcoco", "convert_vqa_v2",
+    "convert_msrvtt_qa", "convert_msrvtt_retrieval", "convert_msvd_caption", "convert_msvd_qa", "convert_refcoco",
+    "convert_vqa_v2", "convert_webvid",
 ]
 
 
@@ -57,7 +61,8 @@ class Converter:
     function: Callable[..., ConvertReport]
     help: str
     options: tuple[Option, ...]
-    media: str = "image"  # the media root is passed as `{media}_root`
+    media: str | None = "image"  # the media root is passed as `{media}_root`; None: the format has no media
+    output_help: str | None = None  # what OUTPUT holds, when not split shards
 
 
 def _qa_files() -> tuple[Option, ...]:
@@ -105,6 +110,14 @@ CONVERTERS: dict[str, Converter] = {c.name: c for c in (
     ), media="video"),
     Converter("msrvtt_qa", convert_msrvtt_qa, "MSRVTT-QA; videos ROOT/videoN.mp4",
               (*_qa_files(), _video_ext("mp4")), media="video"),
+    Converter("msrvtt_retrieval", convert_msrvtt_retrieval,
+              "MSRVTT text-video retrieval, 1k-A split (JSFusion test); videos ROOT/videoN.mp4", (
+                  Option("--train-csv", "MSRVTT_train.9k.csv, the train video ids"),
+                  Option("--annotations", "videodatainfo files with the train videos' captions "
+                         "(train_val_ and test_videodatainfo.json, or MSRVTT_data.json)", many=True),
+                  Option("--test-csv", "MSRVTT_JSFUSION_test.csv, the 1,000 test video-sentence pairs"),
+                  _video_ext("mp4"),
+              ), media="video"),
     Converter("msvd_caption", convert_msvd_caption,
               "MSVD captions; split lists, or the standard 1200/100/670 split by order", (
                   Option("--descriptions", "AllVideoDescriptions.txt", required=True),
@@ -119,4 +132,13 @@ CONVERTERS: dict[str, Converter] = {c.name: c for c in (
         *_qa_files(),
         _video_ext("avi"),
     ), media="video"),
+    Converter("webvid", convert_webvid,
+              "WebVid-2M/10M CSVs to URL lists for `mplug data download-videos`", (
+                  Option("--train", "results_2M_train.csv or results_10M_train.csv (repeatable)", many=True),
+                  Option("--val", "results_2M_val.csv or results_10M_val.csv (repeatable)", many=True),
+                  Option("--val-fraction", "without --val: this share of the train rows (by a hash of the "
+                         "videoid) goes to val", is_path=False),
+              ), media=None,
+              output_help="writes OUTPUT/{train,val}.parquet (url, caption, key, duration, page_dir), "
+                          "OUTPUT/splits.json, OUTPUT/report.json"),
 )}

@@ -34,10 +34,9 @@ from data_prep.convert.report import (
     need,
 )
 from data_prep.manifest import ShardInfo, write_manifest
-from data_prep.shard_writer import Sample, ShardWriter, encode_jpeg, write_json
+from data_prep.shard_writer import VIDEO_EXTENSIONS, Sample, ShardWriter, encode_jpeg, write_json
 
 JPEG_MAGIC = b"\xff\xd8\xff"
-VIDEO_EXTENSIONS = ("mp4", "avi", "webm")
 DEFAULT_SHARD_SIZE = 1000
 PROBLEMS_KEPT = 100
 

@@ -1,4 +1,4 @@
-"""MSRVTT and MSVD, captions and QA -> video shards (`KEY.mp4|avi|webm`, `KEY.txt`, `KEY.json`).
+"""MSRVTT and MSVD, captions, QA and retrieval -> video shards (`KEY.mp4|avi|webm`, `KEY.txt`, `KEY.json`).
 
 Inputs, as released:
 
@@ -7,6 +7,11 @@ Inputs, as released:
   "video_id", "sen_id"}]}; videos `ROOT/video0.mp4`. `validate` is written as `val`.
 - MSRVTT-QA: `{train,val,test}_qa.json`: [{"answer", "id", "question", "video_id": 0}], the
   video being `ROOT/video0.mp4`.
+- MSRVTT retrieval, the 1k-A split of JSFusion (CLIP4Clip's `msrvtt_data.zip`):
+  `MSRVTT_train.9k.csv` (column `video_id`: 9,000 train videos) with their 20 captions each from
+  the videodatainfo files (both: the 9k take test videos too) or `MSRVTT_data.json`, and
+  `MSRVTT_JSFUSION_test.csv` (columns `key, vid_key, video_id, sentence`: 1,000 video-sentence
+  pairs, the test set).
 - MSVD-QA: `{train,val,test}_qa.json` of the same shape with `video_id: 1`, and
   `youtube_mapping.txt` lines `-4wsuPCjDBc_5_15 vid1` naming the video `ROOT/-4wsuPCjDBc_5_15.avi`.
 - MSVD captions: `AllVideoDescriptions.txt`, `#` header lines then `youtube_name caption words`.
@@ -23,12 +28,15 @@ Captions use the layout of `karpathy.py`: in train one sample per (video, captio
 Fields: video_id, captions, split, source, and sent_id on train samples. splits.json lists
 video ids. QA: one sample per question, key `QUESTIONID`, txt = the question; fields
 question_id, video_id, question, answers ([answer]), weights ([1.0]), source; splits.json lists
-question ids.
+question ids. Retrieval: the caption layout in train and test (test's one caption is its JSFusion
+sentence), plus `image_id`, the integer N of `videoN`, which the retrieval task reads to keep a
+video's captions from being each other's negatives; test fields also carry `jsfusion_key`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import csv
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +55,7 @@ MSRVTT_SPLITS = {"train": "train", "validate": "val", "test": "test"}
 MSVD_SPLIT_SIZES = (1200, 100, 670)  # train, val, test
 SPLIT_NAMES = ("train", "val", "test")
 MSRVTT_EXPECTED = 'MSRVTT videodatainfo {"videos": [{"video_id", "split"}], "sentences": [{"caption", "video_id", "sen_id"}]}'
+JSFUSION_COLUMNS = ("key", "vid_key", "video_id", "sentence")
 QA_EXPECTED = 'a video QA file [{"answer", "id", "question", "video_id"}]'
 
 
@@ -58,13 +67,7 @@ def convert_msrvtt_caption(
         for path in map(Path, annotations):
             payload = read_json(path, MSRVTT_EXPECTED)
             videos = top_list(payload, "videos", path, MSRVTT_EXPECTED)
-            captions: dict[str, list[tuple[int, str]]] = {}
-            for position, sentence in enumerate(top_list(payload, "sentences", path, MSRVTT_EXPECTED)):
-                with run.record(path.name, label("sentences", position, sentence, "sen_id")):
-                    entry = (need(sentence, "sen_id", int), need(sentence, "caption", str).strip())
-                    if not entry[1]:
-                        raise RecordProblem("'caption' is blank")
-                    captions.setdefault(need(sentence, "video_id", str), []).append(entry)
+            captions = read_msrvtt_sentences(run, payload, path)
             for position, video in enumerate(videos):
                 with run.record(path.name, label("videos", position, video, "video_id")):
                     split = need(video, "split", str)
@@ -80,6 +83,94 @@ def convert_msrvtt_caption(
                     media = run.video(f"{video_id}.{video_ext}")
                     run.write(split, caption_samples(split, video_id, media, captions[video_id], meta), video_id)
         return run.finish()
+
+
+def read_msrvtt_sentences(run: Conversion, payload: Any, path: Path) -> dict[str, list[tuple[int, str]]]:
+    """video_id -> its (sen_id, caption) pairs, from the "sentences" of an MSRVTT videodatainfo file."""
+    captions: dict[str, list[tuple[int, str]]] = {}
+    for position, sentence in enumerate(top_list(payload, "sentences", path, MSRVTT_EXPECTED)):
+        with run.record(path.name, label("sentences", position, sentence, "sen_id")):
+            entry = (need(sentence, "sen_id", int), need(sentence, "caption", str).strip())
+            if not entry[1]:
+                raise RecordProblem("'caption' is blank")
+            captions.setdefault(need(sentence, "video_id", str), []).append(entry)
+    return captions
+
+
+def convert_msrvtt_retrieval(
+    output: str | Path,
+    video_root: Any,
+    *,
+    train_csv: str | Path | None = None,
+    annotations: Sequence[str | Path] = (),
+    test_csv: str | Path | None = None,
+    video_ext: str = "mp4",
+    **settings: Any,
+) -> ConvertReport:
+    """MSRVTT text-video retrieval, the 1k-A split: train from `MSRVTT_train.9k.csv` with every
+    caption of its videos in `annotations`, test from `MSRVTT_JSFUSION_test.csv`."""
+    if train_csv is None and test_csv is None:
+        raise InputError("no split file given; expected MSRVTT_train.9k.csv (with --annotations) and/or "
+                         "MSRVTT_JSFUSION_test.csv")
+    if train_csv is not None and not annotations:
+        raise InputError(f"{Path(train_csv).name} lists video ids only: give the captions with --annotations "
+                         "(train_val_videodatainfo.json and test_videodatainfo.json, or MSRVTT_data.json)")
+    with Conversion("msrvtt_retrieval", "video_retrieval", output, video_root, **settings) as run:
+        if train_csv is not None:
+            path = Path(train_csv)
+            captions: dict[str, list[tuple[int, str]]] = {}
+            for info in map(Path, annotations):
+                for video_id, found in read_msrvtt_sentences(run, read_json(info, MSRVTT_EXPECTED), info).items():
+                    captions.setdefault(video_id, []).extend(found)
+            for line, row in read_csv(path, ("video_id",), "the 1k-A train list (MSRVTT_train.9k.csv)"):
+                with run.record(path.name, f"line {line} (video_id {row.get('video_id')})"):
+                    if run.full("train"):
+                        continue
+                    video_id = row["video_id"].strip()
+                    if video_id not in captions:
+                        raise RecordProblem(f"no sentence of {', '.join(Path(a).name for a in annotations)} has "
+                                            f"video_id {video_id!r}", UNMATCHED)
+                    meta = {"image_id": _msrvtt_number(video_id), "video_id": video_id, "source": "msrvtt"}
+                    media = run.video(f"{video_id}.{video_ext}")
+                    run.write("train", caption_samples("train", video_id, media, captions[video_id], meta), video_id)
+        if test_csv is not None:
+            path = Path(test_csv)
+            expected = "the JSFusion 1k test pairs (MSRVTT_JSFUSION_test.csv)"
+            for line, row in read_csv(path, JSFUSION_COLUMNS, expected):
+                with run.record(path.name, f"line {line} (key {row.get('key')})"):
+                    if run.full("test"):
+                        continue
+                    video_id, sentence = row["video_id"].strip(), (row["sentence"] or "").strip()
+                    if not sentence:
+                        raise RecordProblem("'sentence' is blank")
+                    meta = {"image_id": _msrvtt_number(video_id), "video_id": video_id, "source": "msrvtt",
+                            "jsfusion_key": row["key"]}
+                    media = run.video(f"{video_id}.{video_ext}")
+                    run.write("test", caption_samples("test", video_id, media, [(0, sentence)], meta), video_id)
+        return run.finish()
+
+
+def read_csv(path: Path, columns: Sequence[str], expected: str) -> Iterator[tuple[int, dict[str, str]]]:
+    """(line number, row) of a CSV file with at least `columns`; InputError when it has not."""
+    try:
+        handle = path.open(encoding="utf-8", newline="")
+    except OSError as error:
+        raise InputError(f"{path} cannot be read ({error}); expected {expected}") from None
+    with handle:
+        reader = csv.DictReader(handle)
+        missing = [column for column in columns if column not in (reader.fieldnames or [])]
+        if missing:
+            raise InputError(f"{path} has no column {', '.join(missing)} (its columns: {reader.fieldnames}); "
+                             f"expected {expected} with columns {', '.join(columns)}")
+        for row in reader:
+            yield reader.line_num, row
+
+
+def _msrvtt_number(video_id: str) -> int:
+    """'video7579' -> 7579: the integer id retrieval uses to tell one video's captions apart."""
+    if not video_id.startswith("video") or not video_id[5:].isdigit():
+        raise RecordProblem(f"video_id {video_id!r} is not 'videoN'")
+    return int(video_id[5:])
 
 
 def convert_msrvtt_qa(

@@ -38,7 +38,7 @@ import torch
 from data_prep.batch import tokenize
 from finetune.metrics.retrieval_recall import DEFAULT_KS, random_recall_at_1, retrieval_recall
 from finetune.tasks.base import EvalContext, TaskModel, TaskOutput
-from pretrain.models.mplug import MPLUG, image_feature, text_feature
+from pretrain.models.mplug import MPLUG, encode_visual, image_feature, text_feature
 from pretrain.objectives.itc import NO_ID, FeatureQueue, ITCInputs, itc_loss
 from pretrain.objectives.itm import ITMInputs, itm_loss
 
@@ -118,7 +118,7 @@ class RetrievalTask(TaskModel):
         with torch.no_grad():
             if model.momentum is not None:
                 momentum = model.momentum
-                image_feat_m = image_feature(momentum, momentum.vision(images))
+                image_feat_m = image_feature(momentum, encode_visual(momentum, images))
                 text_feat_m = text_feature(momentum, momentum.text_encoder(input_ids, mask))
             else:  # alpha == 0 without copies: the online features fill the batch columns and the queue
                 image_feat_m, text_feat_m = image_feat.detach(), text_feat.detach()

@@ -215,17 +215,7 @@ class VQATask(TaskModel):
         finally:
             self.train(was_training)
         gathered = context.gather(records)
-        # Rank 0 scores; an error there must reach every rank, or the others would wait forever.
-        outcome: dict[str, float] | Exception = {}
-        if context.is_main:
-            try:
-                outcome = self._score(gathered, Path(context.output))
-            except Exception as error:  # noqa: BLE001 - re-raised below, on every rank
-                outcome = error
-        outcome = context.broadcast(outcome)
-        if isinstance(outcome, Exception):
-            raise outcome
-        return outcome
+        return context.on_main(lambda: self._score(gathered, Path(context.output)))
 
     def _score(self, records: list[dict[str, Any]], output: Path) -> dict[str, float]:
         if not records:

@@ -57,10 +57,29 @@ class FusionConfig:
 
 
 @dataclass
+class VideoConfig:
+    """mPLUG-2's local temporal modules: two per ViT block (before and after its attention)."""
+
+    temporal: bool = False  # off: the ViT sees every frame alone (mPLUG)
+    kernel: int = 3  # frames the depthwise temporal convolution spans; odd, so the clip keeps its length
+    ratio: float = 0.5  # down-projection width / ViT width
+
+
+@dataclass
+class UniversalConfig:
+    """mPLUG-2's universal layers: the last `layers` text-encoder layers, shared with the vision side."""
+
+    layers: int = 0  # 0 for mPLUG; at most text.encoder_layers
+    latents: int = 50  # learnable queries that read the visual tokens
+
+
+@dataclass
 class ModelConfig:
     vision: VisionConfig = field(default_factory=VisionConfig)
     text: TextConfig = field(default_factory=TextConfig)
     fusion: FusionConfig = field(default_factory=FusionConfig)
+    video: VideoConfig = field(default_factory=VideoConfig)
+    universal: UniversalConfig = field(default_factory=UniversalConfig)
     vision_dropout: float = 0.1  # after the vision->text width projection, when widths differ
     embed_dim: int = 256  # ITC projection size
     temp: float = 0.07
@@ -92,6 +111,8 @@ class DataConfig:
     randaugment: bool = True  # RandAugment(2, 7) in training
     workers: int = 4  # dataloader processes per rank
     shuffle_buffer: int = 1000  # raw samples per dataloader worker; 0 keeps shard order (exact resume)
+    frames: int = 16  # frames sampled per video clip
+    video_batch_size: int = 0  # clips per rank per pretraining step; 0: train.batch_size
 
 
 @dataclass

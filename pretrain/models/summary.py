@@ -22,25 +22,37 @@ class ModelSummary:
         return asdict(self)
 
 
+def parameter_group(name: str, prefixes: dict[str, str]) -> str | None:
+    """The group whose prefix is the longest one `name` starts with, as a whole dotted part."""
+    matches = [p for p in prefixes if name == p or name.startswith(p + ".")]
+    return prefixes[max(matches, key=len)] if matches else None
+
+
+def resolve_attribute(model: torch.nn.Module, dotted: str) -> object | None:
+    """The module or parameter at a dotted attribute path, or None where the model has none."""
+    part: object | None = model
+    for attribute in dotted.split("."):
+        part = getattr(part, attribute, None)
+    return part
+
+
 def summarize(config: Config) -> ModelSummary:
     with torch.device("meta"):
         model = MPLUG(config.model, momentum=True)
-    seen: set[int] = set()  # a tied tensor counts once, in the first group that holds it
-    by_module: dict[str, int] = {}
-    for group, attributes in MODULE_GROUPS.items():
-        count = 0
-        for attribute in attributes:
-            part = getattr(model, attribute)
-            params = [part] if isinstance(part, torch.nn.Parameter) else list(part.parameters())
-            for p in params:
-                if id(p) not in seen:
-                    seen.add(id(p))
-                    count += p.numel()
-        by_module[group] = count
+    prefixes = {prefix: group for group, attributes in MODULE_GROUPS.items() for prefix in attributes}
+    present = [group for group, attributes in MODULE_GROUPS.items()
+               if any(resolve_attribute(model, attribute) is not None for attribute in attributes)]
+    by_module = dict.fromkeys(present, 0)
+    # named_parameters gives a tied tensor once, under its first name, so it counts in one group.
+    for name, p in model.named_parameters():
+        if name.startswith("momentum."):
+            continue
+        group = parameter_group(name, prefixes)
+        if group is None:
+            raise RuntimeError(f"parameter {name} is in no group of MODULE_GROUPS; update MODULE_GROUPS")
+        by_module[group] += p.numel()
     momentum = sum(p.numel() for p in model.momentum.parameters())
     online = sum(p.numel() for p in model.parameters()) - momentum
-    if online != sum(by_module.values()):
-        raise RuntimeError(f"parameter groups cover {sum(by_module.values())} of {online} parameters; update MODULE_GROUPS")
     return ModelSummary(
         name=config.name,
         total_params=online,

@@ -1,5 +1,12 @@
 """The vision side: a CLIP ViT from timm, all tokens after its final LayerNorm, projected to the
-text width when the widths differ."""
+text width when the widths differ.
+
+Images (B, 3, H, W) run through the ViT as they are. Videos (B, T, 3, H, W) run every frame through
+the same spatial weights; with mPLUG-2's temporal modules (`model.video.temporal`) each block also
+mixes every patch with the same patch in the neighbouring frames, before and after its attention.
+A video comes out as the mean of its frames' [CLS] followed by every frame's patches, frame-major:
+(B, 1 + T*N, D).
+"""
 
 from __future__ import annotations
 
@@ -7,8 +14,10 @@ import timm
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
-from pretrain.config.schema import VisionConfig
+from pretrain.config.schema import VideoConfig, VisionConfig
+from pretrain.models.temporal import BlockTemporal
 
 
 def build_vit(cfg: VisionConfig) -> nn.Module:
@@ -29,13 +38,29 @@ def build_vit(cfg: VisionConfig) -> nn.Module:
     )
 
 
-class VisionEncoder(nn.Module):
-    """Images (B, 3, H, W) -> visual states (B, 1 + N, out_width), [CLS] first."""
+def video_block(block: nn.Module, temporal: BlockTemporal | None, x: torch.Tensor, frames: int) -> torch.Tensor:
+    """One timm ViT block over frame tokens (B*T, 1 + N, D), with its temporal modules when given."""
+    if temporal is None:
+        return block(x)
+    x = temporal.before(x, frames)
+    x = x + block.drop_path1(block.ls1(block.attn(block.norm1(x))))
+    x = temporal.after(x, frames)
+    return x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
 
-    def __init__(self, cfg: VisionConfig, out_width: int, dropout: float = 0.1):
+
+class VisionEncoder(nn.Module):
+    """Images (B, 3, H, W) -> visual states (B, 1 + N, out_width), [CLS] first;
+    videos (B, T, 3, H, W) -> (B, 1 + T*N, out_width), the frames' mean [CLS] first."""
+
+    def __init__(self, cfg: VisionConfig, out_width: int, dropout: float = 0.1, video: VideoConfig | None = None):
         super().__init__()
         self.vit = build_vit(cfg)
         self.num_tokens = 1 + (cfg.image_size // cfg.patch_size) ** 2
+        # Outside `vit`, so the ViT's names stay timm's and CLIP checkpoints load into it unchanged.
+        self.temporal = (
+            nn.ModuleList(BlockTemporal(cfg.width, video) for _ in range(cfg.depth))
+            if video is not None and video.temporal else None
+        )
         if cfg.width != out_width:
             # The large model's 1024->768 bridge: Linear, LayerNorm (BERT's eps), Dropout.
             self.proj = nn.Sequential(
@@ -49,9 +74,35 @@ class VisionEncoder(nn.Module):
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.vit.set_grad_checkpointing(enable)
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        tokens = self.vit.forward_features(images)  # (B, 1 + N, width), after the final norm
-        return self.proj(tokens)  # (B, 1 + N, out_width)
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        if pixels.dim() == 4:
+            tokens = self.vit.forward_features(pixels)  # (B, 1 + N, width), after the final norm
+        elif pixels.dim() == 5:
+            tokens = self.encode_video(pixels)  # (B, 1 + T*N, width)
+        else:
+            raise ValueError(f"vision input must be images (B, 3, H, W) or videos (B, T, 3, H, W), "
+                             f"got shape {tuple(pixels.shape)}")
+        return self.proj(tokens)  # (B, Lv, out_width)
+
+    def encode_video(self, video: torch.Tensor) -> torch.Tensor:
+        """(B, T, 3, H, W) -> (B, 1 + T*N, width): per-frame embeddings, blocks with temporal mixing."""
+        clips, frames = video.shape[:2]
+        vit = self.vit
+        x = vit.patch_embed(video.flatten(0, 1))  # (B*T, N, width)
+        x = vit.norm_pre(vit.patch_drop(vit._pos_embed(x)))  # (B*T, 1 + N, width)
+        recompute = vit.grad_checkpointing and torch.is_grad_enabled()
+        temporal = self.temporal if self.temporal is not None else [None] * len(vit.blocks)
+        for block, mixing in zip(vit.blocks, temporal, strict=True):
+            if recompute:
+                x = checkpoint(video_block, block, mixing, x, frames, use_reentrant=False)
+            else:
+                x = video_block(block, mixing, x, frames)
+        x = x.reshape(clips, frames, *x.shape[1:])  # (B, T, 1 + N, width)
+        cls = x[:, :, 0].mean(dim=1, keepdim=True)  # (B, 1, width)
+        patches = x[:, :, 1:].flatten(1, 2)  # (B, T*N, width), frame-major
+        # The final norm after the [CLS] mean, as mPLUG-2's released video encoder does, so the video
+        # [CLS] is normalised like an image's.
+        return vit.norm(torch.cat([cls, patches], dim=1))
 
 
 def resize_position_embedding(pos_embed: torch.Tensor, grid: int) -> torch.Tensor:

@@ -12,6 +12,10 @@ Text, with E text-encoder layers (the official mPLUG initialisation):
     BERT layer k     -> decoder.layers.k (cross-attention stays new)
     cls.predictions  -> mlm_head and decoder.lm_head (transform and output bias; the output matrix is
                         tied to the word embeddings)
+
+mPLUG-2 (a model with universal layers) uses the whole BERT as its text encoder, so its F fusion
+layers start from the BERT's last F layers, as in the released mPLUG-2 code: BERT layer
+depth - F + j -> fusion.layers.j. The universal layers' latents and cross-attentions stay new.
 """
 
 from __future__ import annotations
@@ -70,7 +74,7 @@ BERT_PREFIX = "bert."
 BERT_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 # Old TensorFlow-converted BERT checkpoints name the LayerNorm parameters gamma and beta.
 LEGACY_NORM_NAMES = ((".gamma", ".weight"), (".beta", ".bias"))
-TEXT_MODULES = ("text_encoder", "fusion", "decoder", "mlm_head")
+TEXT_MODULES = ("text_encoder", "universal", "fusion", "decoder", "mlm_head")  # universal: all new
 MLM_HEADS = ("decoder.lm_head.head.predictions.", "mlm_head.head.predictions.")
 # BertConfig field -> TextConfig field that must agree.
 BERT_CONFIG_FIELDS = {
@@ -302,7 +306,14 @@ def read_bert_directory(directory: PathLike) -> tuple[dict, dict[str, torch.Tens
     return json.loads(config_file.read_text()), state
 
 
-def check_bert_config(config: dict, text: TextConfig, fusion_layers: int, directory: PathLike) -> None:
+def fusion_offset(text: TextConfig, fusion_layers: int, depth: int, *, universal: bool) -> int:
+    """The BERT layer that initialises fusion layer 0: E for mPLUG, depth - F for mPLUG-2."""
+    return depth - fusion_layers if universal else text.encoder_layers
+
+
+def check_bert_config(
+    config: dict, text: TextConfig, fusion_layers: int, directory: PathLike, *, universal: bool = False
+) -> None:
     """The BERT's sizes must be the model's, and it must be deep enough for the fusion and decoder."""
     mismatches = [
         f"{bert_name}={config.get(bert_name)} where the model has text.{ours}={getattr(text, ours)}"
@@ -315,14 +326,22 @@ def check_bert_config(config: dict, text: TextConfig, fusion_layers: int, direct
             "Set model.text to the BERT's sizes from its config.json, or use a BERT of the model's sizes"
         )
     depth = config.get("num_hidden_layers", 0)
-    needed = text.encoder_layers + fusion_layers
-    if needed > depth:
-        first = max(depth - text.encoder_layers, 0)
-        raise ValueError(
-            f"fusion layer {first} is initialised from BERT layer {text.encoder_layers + first}, but "
-            f"{directory} has only {depth} layers (num_hidden_layers={depth}); text.encoder_layers + "
-            f"fusion.layers = {needed} must be at most {depth}: use a deeper BERT or fewer layers"
-        )
+    if universal:  # mPLUG-2: the text encoder is the whole BERT, the fusion its last layers again
+        for part, layers in (("text.encoder_layers", text.encoder_layers), ("fusion.layers", fusion_layers)):
+            if layers > depth:
+                raise ValueError(
+                    f"{part}={layers}: that many layers start from BERT layers, but {directory} has only "
+                    f"{depth} (num_hidden_layers={depth}): use a deeper BERT or fewer layers"
+                )
+    else:
+        needed = text.encoder_layers + fusion_layers
+        if needed > depth:
+            first = max(depth - text.encoder_layers, 0)
+            raise ValueError(
+                f"fusion layer {first} is initialised from BERT layer {text.encoder_layers + first}, but "
+                f"{directory} has only {depth} layers (num_hidden_layers={depth}); text.encoder_layers + "
+                f"fusion.layers = {needed} must be at most {depth}: use a deeper BERT or fewer layers"
+            )
     if text.decoder_layers > depth:
         raise ValueError(
             f"decoder layer {depth} is initialised from BERT layer {depth}, but {directory} has only "
@@ -331,8 +350,11 @@ def check_bert_config(config: dict, text: TextConfig, fusion_layers: int, direct
         )
 
 
-def bert_source(name: str, encoder_layers: int) -> str | None:
-    """The BERT tensor that initialises model tensor `name`, or None when it starts new."""
+def bert_source(name: str, fusion_start: int) -> str | None:
+    """The BERT tensor that initialises model tensor `name`, or None when it starts new.
+
+    Fusion layer j starts from BERT layer `fusion_start` + j.
+    """
     module, _, rest = name.partition(".")
     if module in ("text_encoder", "decoder") and rest.startswith("embeddings."):
         return rest
@@ -340,7 +362,7 @@ def bert_source(name: str, encoder_layers: int) -> str | None:
         index, part = rest[len("layers."):].split(".", 1)
         if part.startswith("crossattention."):
             return None
-        offset = encoder_layers if module == "fusion" else 0
+        offset = fusion_start if module == "fusion" else 0
         return f"encoder.layer.{int(index) + offset}.{part}"
     for head in MLM_HEADS:
         if name.startswith(head):
@@ -357,14 +379,17 @@ def load_bert_weights(model: MPLUG, directory: PathLike) -> BertLoadReport:
     """Initialise the text encoder, fusion, decoder and MLM heads from a local BERT directory."""
     text = model.cfg.text
     config, bert = read_bert_directory(directory)
-    check_bert_config(config, text, len(model.fusion.layers), directory)
+    universal = model.universal is not None
+    fusion_layers = len(model.fusion.layers)
+    check_bert_config(config, text, fusion_layers, directory, universal=universal)
+    fusion_start = fusion_offset(text, fusion_layers, config.get("num_hidden_layers", 0), universal=universal)
 
     plan, new = {}, []  # model tensor -> BERT tensor; model tensors left as initialised
     params = dict(model.named_parameters())  # tied tensors appear once, under their first name
     for name, param in params.items():
         if name.partition(".")[0] not in TEXT_MODULES:
             continue
-        source = bert_source(name, text.encoder_layers)
+        source = bert_source(name, fusion_start)
         if source is None or (source not in bert and source.startswith("cls.")):
             new.append(name)
             continue
